@@ -26,6 +26,41 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def coerce_field(owner: str, name: str, annotation: str, value: Any) -> Any:
+    """Convert a value read from YAML, a flag or a trial config to its field's type.
+
+    YAML 1.1 reads ``1e-3`` as text, so numbers written that way are converted here.
+
+    Raises:
+        ValueError: when the value cannot be read as the field's type.
+    """
+    kind = annotation.split("|")[0].strip()
+    try:
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool):
+            number = float(value)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}.{name} must be a number ({kind}); got {value!r}") from None
+    if kind == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false; got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise ValueError(f"{owner}.{name} must be text; got {value!r}")
+    return value
+
+
+def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``coerce_field`` to every known field of dataclass ``cls`` in ``values``."""
+    types = {f.name: str(f.type) for f in fields(cls)}
+    return {
+        key: coerce_field(cls.__name__, key, types[key], value) if key in types else value
+        for key, value in values.items()
+    }
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -164,8 +199,9 @@ class RunConfig:
         parts = {}
         for name, part_cls in _PARTS.items():
             names = {f.name for f in fields(part_cls)}
-            parts[name] = part_cls(**{k: remaining.pop(k) for k in list(remaining) if k in names})
-        return cls(**remaining, **parts)
+            chosen = {k: remaining.pop(k) for k in list(remaining) if k in names}
+            parts[name] = part_cls(**coerce_fields(part_cls, chosen))
+        return cls(**coerce_fields(cls, remaining), **parts)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the flat dictionary that ``from_dict`` reads back."""

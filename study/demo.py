@@ -1,0 +1,78 @@
+"""The embedded demo: a synthetic world, its self-trained tiny CLIP, and an epsilon study.
+
+The world and the CLIP are cached (the prepared data under the storage folder, the CLIP in the
+user's cache folder), so a second demo with the same seed only runs the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from study.runner import StudyOutcome, run_study
+from study.settings import StudySettings
+
+logger = logging.getLogger(__name__)
+
+# Decoder and training settings for the synthetic world: a 2-layer decoder over a small word
+# vocabulary, trained on the captions of the world's training images.
+DEMO_RUN: dict[str, Any] = {
+    "train_text": "train",
+    "prefix_length": 4,
+    "tiny_layers": 2,
+    "tiny_width": 128,
+    "tiny_heads": 4,
+    "tiny_vocab_size": 300,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "warmup_steps": 50,
+    "max_new_tokens": 20,
+    "val_batch_size": 256,
+}
+# noise std per dimension tried first: no noise, the expected sweet spot, and too much noise
+DEMO_START_POINTS = [{"epsilon": 0.0}, {"epsilon": 0.1}, {"epsilon": 0.5}]
+
+
+def demo_settings(*, seed: int, quick: bool, storage: Path, data: Path, trials: int | None):
+    """Return the study settings the demo runs on its prepared world."""
+    name = f"demo-seed{seed}{'-quick' if quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = dict(DEMO_RUN)
+    if quick:
+        run["max_train_captions"] = 6000
+        run["val_max_images"] = 200
+    return StudySettings(
+        name=name,
+        data=str(data),
+        space="epsilon_linear",
+        trials=trials or (4 if quick else 8),
+        epochs=1 if quick else 2,
+        decoder="tiny",
+        storage=str(storage),
+        seed=seed,
+        cpus_per_trial=1.0,
+        scheduler="fifo",
+        start_points=DEMO_START_POINTS,
+        run=run,
+    )
+
+
+def run_demo(*, seed: int = 0, quick: bool = False, storage: str | Path = "capdec-demo",
+             trials: int | None = None) -> StudyOutcome:
+    """Build (or reuse) the world and its CLIP, then run the demo's epsilon study."""
+    from capdec.demo_data import build_demo_dataset
+
+    storage = Path(storage)
+    data = storage / f"world-seed{seed}{'-quick' if quick else ''}"
+    started = time.perf_counter()
+    if (data / "manifest.json").is_file():
+        logger.info("reusing the prepared world in %s", data)
+    else:
+        build_demo_dataset(data, seed=seed, quick=quick)
+    logger.info("world and CLIP ready after %.0f s", time.perf_counter() - started)
+
+    settings = demo_settings(seed=seed, quick=quick, storage=storage, data=data, trials=trials)
+    outcome = run_study(settings)
+    logger.info("demo finished after %.0f s in total", time.perf_counter() - started)
+    return outcome

@@ -1,0 +1,256 @@
+"""Build, run and resume a study: Ray Tune with OptunaSearch, ASHA and MLflow tracking.
+
+Study folder layout (``STORAGE/NAME``):
+
+    settings.yaml   the resolved settings
+    mlflow.db       MLflow tracking store (sqlite), unless another tracking URI was given
+    mlartifacts/    MLflow artifacts
+    tokenizer/      the tiny decoder's tokenizer, trained once and shared by all trials
+    tune/           Ray Tune's experiment folder: trial results, checkpoints, searcher state
+    study.log       the driver's log
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from optuna.samplers import TPESampler
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from capdec import metric_names as names
+from capdec.model import build_tokenizer
+from capdec.prepared import load_prepared
+from search_spaces import get_space
+from study.mlflow_tracking import MlflowTrialCallback, default_tracking_uri
+from study.settings import StudySettings, load_study_settings, save_settings
+from trainables.capdec_trainable import train_capdec
+
+logger = logging.getLogger(__name__)
+
+TUNE_FOLDER = "tune"
+TOKENIZER_FOLDER = "tokenizer"
+METRIC = names.VAL_CIDER_BEST  # best CIDEr so far: an overfitting trial is judged by its best epoch
+MODE = "max"
+
+
+class StudyError(RuntimeError):
+    """A study cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class StudyOutcome:
+    study_dir: Path
+    finished: int  # trials that ended (completed, stopped early or failed)
+    requested: int
+    interrupted: bool
+
+    @property
+    def resume_command(self) -> str:
+        return f"capdec-study resume {shlex.quote(str(self.study_dir))}"
+
+
+def study_dir_of(settings: StudySettings) -> Path:
+    return Path(settings.storage).resolve() / settings.name
+
+
+def tracking_uri_of(settings: StudySettings, study_dir: Path) -> str:
+    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(
+        study_dir
+    )
+
+
+def connect_ray(settings: StudySettings) -> None:
+    """Start or join Ray, and check that the cluster can ever run one trial.
+
+    Raises:
+        StudyError: when the trial's GPU or CPU request exceeds what the cluster has; Tune
+            would otherwise leave such trials pending forever.
+    """
+    if not ray.is_initialized():
+        ray.init(
+            address=settings.ray_address or None,
+            include_dashboard=False,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if settings.gpus_per_trial > gpus:
+        raise StudyError(
+            f"each trial requests {settings.gpus_per_trial} GPU but the Ray cluster has {gpus:g}; "
+            "set --gpus-per-trial 0 (gpus_per_trial: 0) to train on CPUs, or connect to a "
+            "cluster with GPUs with --ray-address"
+        )
+    if settings.cpus_per_trial > cpus:
+        raise StudyError(
+            f"each trial requests {settings.cpus_per_trial:g} CPUs but the Ray cluster has "
+            f"{cpus:g}; lower --cpus-per-trial"
+        )
+
+
+def _prepare_tokenizer(settings: StudySettings, study_dir: Path) -> str:
+    """Train the tiny decoder's tokenizer once per study; other decoders bring their own."""
+    if settings.decoder != "tiny":
+        return ""
+    from capdec.config import RunConfig
+
+    run_config = RunConfig.from_dict({**settings.run, "data": settings.data})
+    dataset = load_prepared(settings.data)
+    rows = dataset.training_caption_indices(run_config.train.train_text)
+    tokenizer = build_tokenizer(run_config.model, [dataset.captions[i].text for i in rows])
+    folder = study_dir / TOKENIZER_FOLDER
+    tokenizer.save_pretrained(folder)
+    logger.info("trained the tiny decoder's tokenizer (%d tokens) into %s", len(tokenizer), folder)
+    return str(folder)
+
+
+def _trainable(settings: StudySettings):
+    resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    return tune.with_resources(train_capdec, resources)
+
+
+def build_tuner(settings: StudySettings, study_dir: Path) -> tune.Tuner:
+    """Build the Tuner of a new study in ``study_dir``."""
+    space = get_space(settings.space)
+    searcher = OptunaSearch(
+        space=space,
+        metric=METRIC,
+        mode=MODE,
+        sampler=TPESampler(seed=settings.seed),
+        points_to_evaluate=settings.start_points or None,
+    )
+    if settings.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=settings.epochs,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+
+    tokenizer_dir = _prepare_tokenizer(settings, study_dir)
+    callback = MlflowTrialCallback(
+        tracking_uri=tracking_uri_of(settings, study_dir),
+        experiment_name=settings.name,
+        artifact_location=str(study_dir / "mlartifacts"),
+        max_epochs=settings.epochs,
+    )
+    return tune.Tuner(
+        _trainable(settings),
+        param_space=settings.trial_constants(tokenizer_dir=tokenizer_dir),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=settings.trials,
+            max_concurrent_trials=settings.max_concurrent or None,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_FOLDER,
+            storage_path=str(study_dir),
+            callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def create_study(settings: StudySettings) -> Path:
+    """Create the study folder and save the resolved settings.
+
+    Raises:
+        StudyError: when the folder already exists (resume it instead) or data is missing.
+    """
+    if not settings.name:
+        raise StudyError("a study needs a name; pass --name NAME")
+    if not settings.data:
+        raise StudyError("a study needs prepared data; pass --data DIR")
+    dataset_manifest = Path(settings.data) / "manifest.json"
+    if not dataset_manifest.is_file():
+        raise StudyError(
+            f"--data {settings.data} is not a prepared dataset (no manifest.json); "
+            "create it with `capdec-study prepare` or `capdec-study demo`"
+        )
+    study_dir = study_dir_of(settings)
+    if study_dir.exists():
+        raise StudyError(
+            f"study folder {study_dir} already exists; continue it with "
+            f"`capdec-study resume {shlex.quote(str(study_dir))}` or choose another --name"
+        )
+    study_dir.mkdir(parents=True)
+    settings.data = str(Path(settings.data).resolve())
+    save_settings(settings, study_dir)
+    return study_dir
+
+
+def _outcome(results: tune.ResultGrid, study_dir: Path, requested: int) -> StudyOutcome:
+    finished = min(results.num_terminated + results.num_errors, requested)
+    return StudyOutcome(study_dir, finished, requested, interrupted=finished < requested)
+
+
+def run_study(settings: StudySettings) -> StudyOutcome:
+    """Create and run a new study; Ctrl-C stops it cleanly so that it can be resumed."""
+    study_dir = create_study(settings)
+    _add_log_file(study_dir)
+    logger.info("study %s: %d trials x %d epochs, space %s", settings.name, settings.trials,
+                settings.epochs, settings.space)
+    connect_ray(settings)
+    tuner = build_tuner(settings, study_dir)
+    results = tuner.fit()
+    return _outcome(results, study_dir, settings.trials)
+
+
+def resume_study(study_dir: str | Path) -> StudyOutcome:
+    """Continue an interrupted study: finished trials are kept, unfinished ones continue from
+    their last checkpoint, errored ones are retried from theirs.
+
+    Raises:
+        StudyError: when the folder is not a study or was never started.
+    """
+    study_dir = Path(study_dir).resolve()
+    settings = load_study_settings(study_dir)
+    tune_dir = study_dir / TUNE_FOLDER
+    if not tune.Tuner.can_restore(str(tune_dir)):
+        raise StudyError(
+            f"{study_dir} has no Ray Tune state to resume (no {TUNE_FOLDER}/ experiment); "
+            "it was interrupted before its first trial started: delete it and run it again"
+        )
+    _add_log_file(study_dir)
+    connect_ray(settings)
+    # restart_errored=True would give errored trials new ids that OptunaSearch cannot find,
+    # so errored trials are resumed (same id, from their checkpoint) instead
+    tuner = tune.Tuner.restore(
+        str(tune_dir),
+        trainable=_trainable(settings),
+        resume_unfinished=True,
+        resume_errored=True,
+        restart_errored=False,
+    )
+    results = tuner.fit()
+    return _outcome(results, study_dir, settings.trials)
+
+
+def _add_log_file(study_dir: Path) -> None:
+    handler = logging.FileHandler(study_dir / "study.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def print_outcome(outcome: StudyOutcome) -> None:
+    if outcome.interrupted:
+        print(
+            f"\nStudy stopped with {outcome.finished} of {outcome.requested} trials finished.\n"
+            f"Resume it with:\n  {outcome.resume_command}",
+            file=sys.stderr,
+        )
