@@ -75,6 +75,10 @@ def _add_prepare(subparsers) -> None:
                         help="captions encoded per batch (default: 256)")
     parser.add_argument("--image-batch-size", type=int, default=64,
                         help="images encoded per batch (default: 64)")
+    parser.add_argument("--max-corpus-captions", type=int, default=None,
+                        help="encode only a seeded random subset of this many corpus captions")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the corpus subset and of a random-initialised CLIP")
     parser.add_argument("--no-restval", action="store_true",
                         help="drop the Karpathy 'restval' photos instead of adding them to train")
 
@@ -221,7 +225,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from capdec.prepare import prepare_dataset
 
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
-    if args.clip == "tiny":
+    if args.clip == "tiny" and pretrained == "openai":
+        # the default tag does not exist for the tiny model; a checkpoint file still loads
         pretrained = None
     out = prepare_dataset(
         karpathy_json=args.karpathy_json,
@@ -234,6 +239,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         text_batch_size=args.text_batch_size,
         image_batch_size=args.image_batch_size,
         restval_as_train=not args.no_restval,
+        max_corpus_captions=args.max_corpus_captions,
+        seed=args.seed,
     )
     print(f"prepared dataset written to {out}")
     return 0
