@@ -85,7 +85,7 @@ def connect_ray(settings: StudySettings) -> None:
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     if settings.gpus_per_trial > gpus:
         raise StudyError(
-            f"each trial requests {settings.gpus_per_trial} GPU but the Ray cluster has {gpus:g}; "
+            f"each trial requests {settings.gpus_per_trial:g} GPU but the Ray cluster has {gpus:g}; "
             "set --gpus-per-trial 0 (gpus_per_trial: 0) to train on CPUs, or connect to a "
             "cluster with GPUs with --ray-address"
         )

@@ -1,0 +1,77 @@
+"""A whole study on real Ray, real Optuna, real MLflow (sqlite) and real pycocoevalcap."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.report import format_report, load_trials
+from study.mlflow_tracking import STATUS_TAG, default_tracking_uri
+from study.runner import StudyError, connect_ray, run_study
+from study.settings import StudySettings, load_study_settings
+from tests.conftest import TOY_RUN
+
+pytestmark = pytest.mark.ray
+
+
+def _settings(tmp_path: Path, data: Path, **overrides) -> StudySettings:
+    values = dict(
+        name="toy-epsilon",
+        data=str(data),
+        space="epsilon",
+        trials=3,
+        epochs=2,
+        storage=str(tmp_path),
+        scheduler="fifo",
+        cpus_per_trial=1,
+        run=dict(TOY_RUN, train_text="both"),
+    )
+    values.update(overrides)
+    return StudySettings(**values)
+
+
+def test_epsilon_study_end_to_end(tmp_path: Path, toy_dataset: Path, local_ray) -> None:
+    outcome = run_study(_settings(tmp_path, toy_dataset))
+    study_dir = tmp_path / "toy-epsilon"
+    assert outcome.study_dir == study_dir
+    assert outcome.finished == 3
+    assert not outcome.interrupted
+
+    # every trial is one MLflow run with one validation CIDEr per epoch
+    client = MlflowClient(default_tracking_uri(study_dir))
+    experiment = client.get_experiment_by_name("toy-epsilon")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "val/cider")
+        assert [m.step for m in history] == [1, 2]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[STATUS_TAG] == "FINISHED"
+        variance = float(run.data.params["search/noise_variance"])
+        assert 1e-4 <= variance <= 1e-1
+        # the run receives the standard deviation, the square root of the searched variance
+        assert math.isclose(float(run.data.params["epsilon"]), math.sqrt(variance), rel_tol=1e-9)
+
+    # the report lists every trial, best CIDEr first, and each kept the best epoch's weights
+    trials = load_trials(study_dir)
+    assert len(trials) == 3
+    assert [t.best_cider for t in trials] == sorted((t.best_cider for t in trials), reverse=True)
+    assert all(t.epochs == 2 for t in trials)
+    assert "search/noise_variance" in format_report(trials)
+    assert all(list(t.folder.glob("checkpoint_*/best_model.pt")) for t in trials)
+    assert load_study_settings(study_dir).trials == 3
+
+
+def test_existing_study_folder_is_rejected(tmp_path: Path, toy_dataset: Path) -> None:
+    (tmp_path / "toy-epsilon").mkdir()
+    with pytest.raises(StudyError, match="already exists; continue it with `capdec-study resume"):
+        run_study(_settings(tmp_path, toy_dataset))
+
+
+def test_gpu_request_without_gpus_fails_fast(tmp_path: Path, toy_dataset: Path, local_ray) -> None:
+    settings = _settings(tmp_path, toy_dataset, gpus_per_trial=1)
+    with pytest.raises(StudyError, match="requests 1 GPU but the Ray cluster has 0"):
+        connect_ray(settings)
