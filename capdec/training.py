@@ -164,7 +164,9 @@ class CapDecRun:
 
         # token ids of every caption a training sample can use: the text-only ones and,
         # for image mixing, the captions of paired training photos
-        needed = np.union1d(self.train_rows, self.image_pairs[:, 1])
+        needed = self.train_rows
+        if cfg.noise.image_ratio > 0:
+            needed = np.union1d(needed, self.image_pairs[:, 1])
         token_lists, truncated = encode_captions(
             self.tokenizer,
             [self.dataset.captions[i].text for i in needed],

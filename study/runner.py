@@ -117,6 +117,11 @@ def _trainable(settings: StudySettings):
     return tune.with_resources(train_capdec, resources)
 
 
+def trial_dirname(trial) -> str:
+    """Name a trial's folder by its id; Ray's default packs the whole config into the name."""
+    return f"trial_{trial.trial_id}"
+
+
 def build_tuner(settings: StudySettings, study_dir: Path) -> tune.Tuner:
     """Build the Tuner of a new study in ``study_dir``."""
     space = get_space(settings.space)
@@ -154,6 +159,7 @@ def build_tuner(settings: StudySettings, study_dir: Path) -> tune.Tuner:
             scheduler=scheduler,
             num_samples=settings.trials,
             max_concurrent_trials=settings.max_concurrent or None,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER,

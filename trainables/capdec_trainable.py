@@ -34,8 +34,20 @@ def run_config_from_trial(config: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
+def _configure_worker_logging() -> None:
+    """Send the method's INFO lines (one per epoch) to the worker's stderr, which Ray shows."""
+    capdec_logger = logging.getLogger("capdec")
+    if not capdec_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        capdec_logger.addHandler(handler)
+        capdec_logger.setLevel(logging.INFO)
+        capdec_logger.propagate = False
+
+
 def train_capdec(config: dict[str, Any]) -> None:
     """Train one CapDec configuration, reporting and checkpointing every epoch to Ray Tune."""
+    _configure_worker_logging()
     run_config = run_config_from_trial(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run = CapDecRun(run_config, device=device)
