@@ -464,8 +464,7 @@ class CapDecRun:
         if self.best_model_state is not None:
             best = {"model": self.best_model_state, "epoch": self.best_epoch, "cider": self.best_cider}
             _atomic_save(best, folder / BEST_MODEL_FILE)
-        if self.config.model.decoder == "tiny" or not self.config.tokenizer_dir:
-            self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
         return folder
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:

@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--plot", type=Path, default=None,
                         help="also write a PNG of validation CIDEr per epoch for every trial")
+    evaluate = _add_study_dir_command(
+        subparsers,
+        "evaluate",
+        "score the best trials' best-epoch weights on a held-out split with all seven metrics",
+    )
+    evaluate.add_argument("--split", choices=("test", "val"), default="test",
+                          help="split to decode and score (default: test)")
+    evaluate.add_argument("--top", type=int, default=3,
+                          help="number of trials, best validation CIDEr first (default: 3)")
+    evaluate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                          help="torch device for decoding (default: cuda when available)")
     _add_demo(subparsers)
     return parser
 
@@ -281,6 +292,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if not outcome.interrupted else 130
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from study.evaluate import evaluate_study, format_evaluations
+
+    evaluations = evaluate_study(args.study_dir, split=args.split, top=args.top, device=args.device)
+    print(f"\n{args.split} scores of the {len(evaluations)} best trials by validation CIDEr\n")
+    print(format_evaluations(evaluations))
+    return 0
+
+
 def _print_report(study_dir: Path, plot: Path | None = None) -> None:
     from analysis.report import format_report, load_trials
 
@@ -300,6 +320,7 @@ _COMMANDS = {
     "resume": cmd_resume,
     "report": cmd_report,
     "demo": cmd_demo,
+    "evaluate": cmd_evaluate,
 }
 
 

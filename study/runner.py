@@ -26,6 +26,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from capdec import metric_names as names
+from capdec.config import RunConfig
 from capdec.model import build_tokenizer
 from capdec.prepared import load_prepared
 from search_spaces import get_space
@@ -97,18 +98,22 @@ def connect_ray(settings: StudySettings) -> None:
 
 
 def _prepare_tokenizer(settings: StudySettings, study_dir: Path) -> str:
-    """Train the tiny decoder's tokenizer once per study; other decoders bring their own."""
-    if settings.decoder != "tiny":
-        return ""
-    from capdec.config import RunConfig
+    """Save the decoder's tokenizer once per study, so every trial reads the same one.
 
-    run_config = RunConfig.from_dict({**settings.run, "data": settings.data})
-    dataset = load_prepared(settings.data)
-    rows = dataset.training_caption_indices(run_config.train.train_text)
-    tokenizer = build_tokenizer(run_config.model, [dataset.captions[i].text for i in rows])
+    The tiny decoder's tokenizer is trained on the training captions. Other decoders' tokenizers
+    load here, so a decoder name that cannot be loaded fails before any trial starts.
+    """
+    run_config = RunConfig.from_dict({**settings.run, "data": settings.data, "decoder": settings.decoder})
+    if settings.decoder == "tiny":
+        dataset = load_prepared(settings.data)
+        rows = dataset.training_caption_indices(run_config.train.train_text)
+        tokenizer = build_tokenizer(run_config.model, [dataset.captions[i].text for i in rows])
+    else:
+        tokenizer = build_tokenizer(run_config.model, [])
     folder = study_dir / TOKENIZER_FOLDER
     tokenizer.save_pretrained(folder)
-    logger.info("trained the tiny decoder's tokenizer (%d tokens) into %s", len(tokenizer), folder)
+    logger.info("saved the %s decoder's tokenizer (%d tokens) to %s", settings.decoder,
+                len(tokenizer), folder)
     return str(folder)
 
 

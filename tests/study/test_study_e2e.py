@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis.report import format_report, load_trials
 from study.mlflow_tracking import STATUS_TAG, default_tracking_uri
+from capdec.metric_names import FINAL_SCORE_KEYS
+from study.evaluate import evaluate_study, format_evaluations
 from study.runner import StudyError, connect_ray, run_study
 from study.settings import StudySettings, load_study_settings
 from tests.conftest import TOY_RUN
@@ -33,8 +35,15 @@ def _settings(tmp_path: Path, data: Path, **overrides) -> StudySettings:
     return StudySettings(**values)
 
 
-def test_epsilon_study_end_to_end(tmp_path: Path, toy_dataset: Path, local_ray) -> None:
-    outcome = run_study(_settings(tmp_path, toy_dataset))
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path, local_ray):
+    storage = tmp_path_factory.mktemp("studies")
+    outcome = run_study(_settings(storage, toy_dataset))
+    return storage, outcome
+
+
+def test_epsilon_study_end_to_end(finished_study) -> None:
+    tmp_path, outcome = finished_study
     study_dir = tmp_path / "toy-epsilon"
     assert outcome.study_dir == study_dir
     assert outcome.finished == 3
@@ -75,3 +84,24 @@ def test_gpu_request_without_gpus_fails_fast(tmp_path: Path, toy_dataset: Path, 
     settings = _settings(tmp_path, toy_dataset, gpus_per_trial=1)
     with pytest.raises(StudyError, match="requests 1 GPU but the Ray cluster has 0"):
         connect_ray(settings)
+
+
+def test_evaluate_logs_test_scores(finished_study) -> None:
+    tmp_path, outcome = finished_study
+    evaluations = evaluate_study(outcome.study_dir, split="test", top=2)
+    assert len(evaluations) == 2
+    ranked = load_trials(outcome.study_dir)
+    assert [e.trial.trial_id for e in evaluations] == [t.trial_id for t in ranked[:2]]
+    for evaluation in evaluations:
+        assert set(evaluation.scores) == set(FINAL_SCORE_KEYS)
+        assert all(0.0 <= value for value in evaluation.scores.values())
+
+    client = MlflowClient(default_tracking_uri(outcome.study_dir))
+    experiment = client.get_experiment_by_name("toy-epsilon")
+    runs = client.search_runs([experiment.experiment_id])
+    evaluated = [r for r in runs if "test/cider" in r.data.metrics]
+    assert len(evaluated) == 2
+    assert all("test/meteor" in r.data.metrics for r in evaluated)
+    table = format_evaluations(evaluations)
+    assert "meteor" in table
+    assert (outcome.study_dir / "evaluation").is_dir()
