@@ -75,6 +75,9 @@ def connect_ray(settings: StudySettings) -> None:
         StudyError: when the trial's GPU or CPU request exceeds what the cluster has; Tune
             would otherwise leave such trials pending forever.
     """
+    # epochs of small runs finish within seconds; Tune's warning about frequent experiment
+    # snapshots is then noise, since every epoch's checkpoint is wanted
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
         ray.init(
             address=settings.ray_address or None,

@@ -99,5 +99,6 @@ TOY_RUN = {
     "batch_size": 16,
     "max_new_tokens": 8,
     "warmup_steps": 2,
+    "lr": 3e-3,
     "num_threads": 1,
 }

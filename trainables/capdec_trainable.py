@@ -35,14 +35,17 @@ def run_config_from_trial(config: dict[str, Any]) -> RunConfig:
 
 
 def _configure_worker_logging() -> None:
-    """Send the method's INFO lines (one per epoch) to the worker's stderr, which Ray shows."""
-    capdec_logger = logging.getLogger("capdec")
-    if not capdec_logger.handlers:
+    """Send INFO lines of the method and of this trainable to the worker's stderr, which Ray
+    forwards to the driver's console."""
+    for name in ("capdec", "trainables"):
+        package_logger = logging.getLogger(name)
+        if package_logger.handlers:
+            continue
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        capdec_logger.addHandler(handler)
-        capdec_logger.setLevel(logging.INFO)
-        capdec_logger.propagate = False
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
 
 
 def train_capdec(config: dict[str, Any]) -> None:
