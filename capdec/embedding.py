@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from capdec.data import convert_to_rgb, load_rgb_image
+from capdec.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def load_clip(
     # but those weights were trained with QuickGELU. Follow the tag so the features match.
     quick_gelu = bool(tag and open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False))
 
-    device = torch.device(device)
+    device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip_model, _, preprocess = open_clip.create_model_and_transforms(

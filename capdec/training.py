@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from capdec import metric_names as names
 from capdec.config import RunConfig
+from capdec.devices import resolve_device
 from capdec.generation import generate_captions
 from capdec.metrics import CaptionScorer
 from capdec.model import ClipCaptionModel, build_tokenizer, caption_loss, load_decoder
@@ -92,7 +93,7 @@ class CapDecRun:
         scorer: CaptionScorer | None = None,
     ) -> None:
         self.config = config
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
         seed_everything(config.train.seed)

@@ -15,6 +15,7 @@ logger = logging.getLogger("capdec_study")
 # flags of `run` that override top-level settings, with their settings key
 _RUN_FLAGS = {
     "data": "data",
+    "clip": "clip",
     "space": "space",
     "trials": "trials",
     "epochs": "epochs",
@@ -95,6 +96,8 @@ def _add_run(subparsers) -> None:
     parser.add_argument("settings", nargs="?", type=Path, default=None,
                         help="YAML settings file; flags override its values")
     parser.add_argument("--data", help="prepared-dataset folder (from `prepare` or `demo`)")
+    parser.add_argument("--clip", help="CLIP model the prepared data must be encoded with, "
+                        "e.g. ViT-B-32; a mismatch is an error (default: accept any)")
     parser.add_argument("--space", help="search space name, or package.module:function "
                         "(default: epsilon; see the list below)")
     parser.add_argument("--trials", type=int, help="number of trials (default: 8)")

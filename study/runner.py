@@ -12,6 +12,7 @@ Study folder layout (``STORAGE/NAME``):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -19,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import ray
 from optuna.samplers import TPESampler
 from ray import tune
@@ -27,9 +29,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from capdec import metric_names as names
 from capdec.config import RunConfig
+from capdec.metrics import JavaNotFoundError, check_java
 from capdec.model import build_tokenizer
 from capdec.prepared import load_prepared
-from search_spaces import get_space
+from search_spaces import SEARCH_PREFIX, get_space
 from study.mlflow_tracking import MlflowTrialCallback, default_tracking_uri
 from study.settings import StudySettings, load_study_settings, save_settings
 from trainables.capdec_trainable import train_capdec
@@ -37,6 +40,7 @@ from trainables.capdec_trainable import train_capdec
 logger = logging.getLogger(__name__)
 
 TUNE_FOLDER = "tune"
+STUDY_RECORD = "study.json"  # prepared data's content hash and CLIP identity at creation
 TOKENIZER_FOLDER = "tokenizer"
 METRIC = names.VAL_CIDER_BEST  # best CIDEr so far: an overfitting trial is judged by its best epoch
 MODE = "max"
@@ -180,31 +184,89 @@ def build_tuner(settings: StudySettings, study_dir: Path) -> tune.Tuner:
     )
 
 
+def check_space(settings: StudySettings) -> None:
+    """Sample the search space once, in memory, and check that a run config can be built.
+
+    Raises:
+        StudyError: when the space cannot be found, raises, or returns invalid keys or values.
+    """
+    try:
+        space = get_space(settings.space)
+    except ValueError as error:
+        raise StudyError(str(error)) from error
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial = optuna.create_study(sampler=TPESampler(seed=settings.seed)).ask()
+    try:
+        values = space(trial) or {}
+    except Exception as error:  # a user's space can raise anything; report it before Ray starts
+        raise StudyError(f"search space {settings.space!r} failed when sampled: {error}") from error
+    sampled = {**trial.params, **values}
+    run_values = {k: v for k, v in sampled.items() if not k.startswith(SEARCH_PREFIX)}
+    constants = settings.trial_constants(tokenizer_dir="")
+    try:
+        RunConfig.from_dict({**constants, **run_values})
+    except ValueError as error:
+        raise StudyError(f"search space {settings.space!r} sampled an invalid value: {error}") from error
+
+
+def check_data(settings: StudySettings) -> dict:
+    """Check the prepared data against the settings and return its manifest.
+
+    Raises:
+        StudyError: when the folder is not a prepared dataset, or was encoded with another CLIP
+            than ``settings.clip`` names.
+    """
+    manifest_path = Path(settings.data) / "manifest.json"
+    if not manifest_path.is_file():
+        raise StudyError(
+            f"--data {settings.data} is not a prepared dataset (no manifest.json); "
+            "create it with `capdec-study prepare` or `capdec-study demo`"
+        )
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    clip_model = manifest.get("clip", {}).get("model")
+    if settings.clip and clip_model != settings.clip:
+        raise StudyError(
+            f"prepared data {settings.data} was encoded with CLIP {clip_model!r}, but the study "
+            f"names clip: {settings.clip!r}; prepare the data with --clip {settings.clip} or "
+            "change the clip setting"
+        )
+    return manifest
+
+
+def check_java_available() -> None:
+    """Raise StudyError before any trial starts when validation could not run for lack of Java."""
+    try:
+        check_java("validation CIDEr, BLEU and ROUGE-L (the PTB tokenizer)")
+    except JavaNotFoundError as error:
+        raise StudyError(str(error)) from error
+
+
 def create_study(settings: StudySettings) -> Path:
     """Create the study folder and save the resolved settings.
 
     Raises:
-        StudyError: when the folder already exists (resume it instead) or data is missing.
+        StudyError: when the folder already exists (resume it instead), the data is missing or
+            encoded with another CLIP, the search space samples invalid values, or Java is
+            missing.
     """
     if not settings.name:
         raise StudyError("a study needs a name; pass --name NAME")
     if not settings.data:
         raise StudyError("a study needs prepared data; pass --data DIR")
-    dataset_manifest = Path(settings.data) / "manifest.json"
-    if not dataset_manifest.is_file():
-        raise StudyError(
-            f"--data {settings.data} is not a prepared dataset (no manifest.json); "
-            "create it with `capdec-study prepare` or `capdec-study demo`"
-        )
     study_dir = study_dir_of(settings)
     if study_dir.exists():
         raise StudyError(
             f"study folder {study_dir} already exists; continue it with "
             f"`capdec-study resume {shlex.quote(str(study_dir))}` or choose another --name"
         )
+    manifest = check_data(settings)
+    check_space(settings)
+    check_java_available()
     study_dir.mkdir(parents=True)
     settings.data = str(Path(settings.data).resolve())
     save_settings(settings, study_dir)
+    record = {"data_content_hash": manifest.get("content_hash"), "clip": manifest.get("clip")}
+    (study_dir / STUDY_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return study_dir
 
 
@@ -230,18 +292,20 @@ def resume_study(study_dir: str | Path) -> StudyOutcome:
     their last checkpoint, errored ones are retried from theirs.
 
     Raises:
-        StudyError: when the folder is not a study or was never started.
+        FileNotFoundError: when the folder is not a study folder.
+        StudyError: when the prepared data changed since the study started, or Java is missing.
     """
     study_dir = Path(study_dir).resolve()
     settings = load_study_settings(study_dir)
     tune_dir = study_dir / TUNE_FOLDER
-    if not tune.Tuner.can_restore(str(tune_dir)):
-        raise StudyError(
-            f"{study_dir} has no Ray Tune state to resume (no {TUNE_FOLDER}/ experiment); "
-            "it was interrupted before its first trial started: delete it and run it again"
-        )
+    _check_same_data(settings, study_dir)
+    check_java_available()
     _add_log_file(study_dir)
     connect_ray(settings)
+    if not tune.Tuner.can_restore(str(tune_dir)):
+        # stopped before Tune saved any state: no trial ran, so start the study in its folder
+        logger.info("%s has no Tune state yet; starting the study from its saved settings", study_dir)
+        return _outcome(build_tuner(settings, study_dir).fit(), study_dir, settings.trials)
     # restart_errored=True would give errored trials new ids that OptunaSearch cannot find,
     # so errored trials are resumed (same id, from their checkpoint) instead
     tuner = tune.Tuner.restore(
@@ -253,6 +317,21 @@ def resume_study(study_dir: str | Path) -> StudyOutcome:
     )
     results = tuner.fit()
     return _outcome(results, study_dir, settings.trials)
+
+
+def _check_same_data(settings: StudySettings, study_dir: Path) -> None:
+    """Refuse to resume on prepared data that changed since the study started."""
+    manifest = check_data(settings)
+    record_path = study_dir / STUDY_RECORD
+    if not record_path.is_file():
+        return
+    recorded = json.loads(record_path.read_text(encoding="utf-8")).get("data_content_hash")
+    if recorded != manifest.get("content_hash"):
+        raise StudyError(
+            f"prepared data {settings.data} changed since the study started (content hash "
+            f"{str(recorded)[:12]} then, {str(manifest.get('content_hash'))[:12]} now); "
+            "checkpoints would not match it: restore the original data or start a new study"
+        )
 
 
 def _add_log_file(study_dir: Path) -> None:

@@ -29,6 +29,7 @@ class StudySettings:
 
     name: str = ""  # study folder name under `storage`, and the MLflow experiment name
     data: str = ""  # prepared-dataset folder
+    clip: str = ""  # CLIP model the data must be encoded with, e.g. ViT-B-32; empty = any
     space: str = "epsilon"  # registered search space or package.module:function
     trials: int = 8  # number of trials Optuna samples
     epochs: int = 3  # maximum epochs per trial

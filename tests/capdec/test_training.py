@@ -145,3 +145,27 @@ def test_validation_subset_is_fixed(toy_dataset: Path) -> None:
     second = CapDecRun(_config(toy_dataset, val_max_images=5, seed=3))
     assert len(first.val_rows) == 5
     assert first.val_rows.tolist() == second.val_rows.tolist()
+
+
+def test_long_captions_truncated_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from capdec.prepared import CaptionRecord, ImageRecord, write_prepared
+
+    long_caption = " ".join(["a red circle next to a blue square"] * 20)
+    captions = [CaptionRecord(long_caption, "train", -1, "corpus")] * 3
+    captions += [CaptionRecord("a red circle", "train", -1, "corpus")] * 5
+    captions += [CaptionRecord("a red circle", "val", 0, "paired")]
+    data = write_prepared(
+        tmp_path / "long",
+        captions=captions,
+        images=[ImageRecord("0", "", "val")],
+        text_embeddings=np.ones((9, 8)),
+        image_embeddings=np.ones((1, 8)),
+        clip={"model": "toy"},
+        source={},
+    )
+    with caplog.at_level("WARNING", logger="capdec.training"):
+        run = CapDecRun(_config(data, train_text="corpus", max_caption_tokens=12))
+    assert "3 of 8 training captions were longer than max_caption_tokens=12" in caplog.text
+    # truncated captions still train: the run completes an epoch with a finite loss
+    assert math.isfinite(run.train_epoch()["train/loss"])
+    assert max(len(tokens) for tokens in run.tokens_by_row.values()) == 12

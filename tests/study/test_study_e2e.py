@@ -105,3 +105,25 @@ def test_evaluate_logs_test_scores(finished_study) -> None:
     table = format_evaluations(evaluations)
     assert "meteor" in table
     assert (outcome.study_dir / "evaluation").is_dir()
+
+
+def test_nan_loss_fails_only_that_trial(tmp_path: Path, toy_dataset: Path, local_ray) -> None:
+    settings = _settings(
+        tmp_path,
+        toy_dataset,
+        name="nan-loss",
+        space="tests.study.spaces_for_tests:diverging_lr",
+        trials=2,
+        start_points=[{"lr": 1e12}, {"lr": 3e-3}],
+        max_failures=0,
+    )
+    outcome = run_study(settings)
+    assert outcome.finished == 2
+
+    client = MlflowClient(default_tracking_uri(outcome.study_dir))
+    runs = client.search_runs([client.get_experiment_by_name("nan-loss").experiment_id])
+    by_lr = {run.data.params["lr"]: run for run in runs}
+    assert by_lr["1000000000000.0"].info.status == "FAILED"
+    assert "training loss became" in by_lr["1000000000000.0"].data.tags["capdec.error"]
+    # the study went on: the other trial finished normally
+    assert by_lr["0.003"].info.status == "FINISHED"
