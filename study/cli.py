@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="number of trials, best validation CIDEr first (default: 3)")
     evaluate.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
                           help="torch device for decoding (default: cuda when available)")
+    ui = _add_study_dir_command(
+        subparsers, "ui", "serve the study's MLflow runs in a browser (mlflow ui)"
+    )
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 "
+                    "exposes the runs to the network)")
+    ui.add_argument("--port", type=int, default=5000, help="TCP port (default: 5000)")
     _add_demo(subparsers)
     return parser
 
@@ -304,6 +311,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def mlflow_ui_command(study_dir: Path, *, host: str, port: int) -> list[str]:
+    """Return the `mlflow ui` command line that serves a study's tracking store.
+
+    Raises:
+        ValueError: when the study logs to a tracking server rather than a database file.
+    """
+    from study.runner import tracking_uri_of
+    from study.settings import load_study_settings
+
+    study_dir = Path(study_dir).resolve()
+    uri = tracking_uri_of(load_study_settings(study_dir), study_dir)
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise ValueError(f"study {study_dir} logs to the tracking server {uri}; open that instead")
+    return [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--default-artifact-root", str(study_dir / "mlartifacts"),
+        "--host", host,
+        "--port", str(port),
+    ]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    command = mlflow_ui_command(args.study_dir, host=args.host, port=args.port)
+    print(f"MLflow UI at http://{args.host}:{args.port} (Ctrl-C stops it)")
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _print_report(study_dir: Path, plot: Path | None = None) -> None:
     from analysis.report import format_report, load_trials
 
@@ -324,6 +364,7 @@ _COMMANDS = {
     "report": cmd_report,
     "demo": cmd_demo,
     "evaluate": cmd_evaluate,
+    "ui": cmd_ui,
 }
 
 
