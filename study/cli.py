@@ -1,4 +1,4 @@
-"""The ``capdec-study`` command line: prepare, run, resume, report, demo."""
+"""The ``capdec-study`` command line: prepare, run, resume, report, evaluate, ui, demo."""
 
 from __future__ import annotations
 
