@@ -6,8 +6,12 @@ replaces only pycocoevalcap's tokenizer wrapper, because that wrapper writes its
 package's install folder (so it fails where site-packages is read-only).
 
 ``CaptionScorer`` tokenises the references once, so per-epoch validation costs one Java start for
-the predictions plus the scoring itself. METEOR starts its own Java process and takes several
-seconds (6-12 s measured for 138 images on a busy 2-core CPU), so it is off unless asked for.
+the predictions plus the scoring itself. ``CaptionScorer.save`` writes the tokenised references to
+a JSON reference cache and ``CaptionScorer.from_file`` reads them back, so a study can tokenise
+its validation references once and share them with every trial.
+
+METEOR starts its own Java process and takes several seconds (6-12 s measured for 138 images on
+a busy 2-core CPU), so it is off unless asked for.
 SPICE and ``COCOEvalCap.evaluate`` are never used, because SPICE downloads Stanford CoreNLP on
 first use.
 """
@@ -15,6 +19,7 @@ first use.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -25,7 +30,7 @@ import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -45,6 +50,7 @@ METEOR_JAR = Path(_meteor_module.__file__).resolve().parent / _meteor_module.MET
 _PTB_COMMAND = ("edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase")
 # characters that the PTBTokenizer lexer (CoreNLP 3.4.1) treats as line breaks
 _LINE_BREAKS = re.compile("\r\n|[\n\r\u000b\u000c\u0085\u2028\u2029]")
+REFERENCE_CACHE_VERSION = 1
 _INSTALL_HINT = (
     "Install a Java runtime (tested with OpenJDK 17), e.g. "
     "`apt-get install default-jre-headless`, then put `java` on PATH or set JAVA_HOME to its "
@@ -170,6 +176,8 @@ class CaptionScorer(Generic[Key]):
 
     The references are tokenised once, in the constructor, so build one scorer per split and
     reuse it every epoch: each ``score`` call then costs one Java start for the predictions.
+    ``save`` and ``from_file`` carry the tokenised references across processes, so the trials of
+    a study need not tokenise them again.
 
     CIDEr here is pycocoevalcap's CIDEr-D (n-grams 1-4, sigma 6). Its document frequencies are
     computed over the references of the images being scored, which is the COCO standard. So the
@@ -188,22 +196,108 @@ class CaptionScorer(Generic[Key]):
             TypeError: a reference caption is not a str.
             JavaNotFoundError: no Java runtime was found.
         """
-        if not references:
-            raise ValueError("references must contain at least one image; got an empty mapping")
-        empty = [key for key, texts in references.items() if len(texts) == 0]
-        if empty:
+        _check_references(references)
+        self._java = check_java("CaptionScorer")
+        self._raw_references = {key: list(texts) for key, texts in references.items()}
+        self._references = ptb_tokenize(references, java=self._java)
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike, references: Mapping[Key, Sequence[str]]
+    ) -> CaptionScorer[Key]:
+        """Build a scorer from a reference cache written by ``save``, without tokenising.
+
+        The cache may hold more images than ``references``, so one cache of a whole split serves
+        every fixed subset of it. Each requested image must be in the cache with exactly the
+        same reference captions, which rejects a cache written for other data.
+
+        Args:
+            path: JSON file written by ``CaptionScorer.save``.
+            references: image key -> reference captions of the images to score; keys are int
+                or str, as in the cache.
+
+        Returns:
+            A scorer over exactly the keys of ``references``, in their order.
+
+        Raises:
+            FileNotFoundError: the cache file does not exist.
+            ValueError: ``references`` is empty or has an image without captions. Also raised
+                when the file is not a reference cache of this version and tokenizer, or when it
+                lacks a requested image or contains other captions for one.
+            JavaNotFoundError: no Java runtime was found (scoring predictions needs one).
+        """
+        _check_references(references)
+        cached = _read_reference_cache(Path(path))
+        missing = [key for key in references if key not in cached]
+        if missing:
             raise ValueError(
-                f"every image needs at least one reference caption; {len(empty)} have none, "
-                f"e.g. {empty[:5]!r}"
+                f"reference cache {path} lacks {len(missing)} of the {len(references)} requested "
+                f"images, e.g. {missing[:5]!r}; it was written for other data, so delete it and "
+                "write it again with CaptionScorer(references).save(path)"
+            )
+        changed = [key for key in references if cached[key][0] != list(references[key])]
+        if changed:
+            raise ValueError(
+                f"reference cache {path} contains other reference captions for {len(changed)} "
+                f"images, e.g. {changed[:5]!r}; it was written for other data, so delete it and "
+                "write it again with CaptionScorer(references).save(path)"
             )
 
-        self._java = check_java("CaptionScorer")
-        self._references = ptb_tokenize(references, java=self._java)
+        scorer = cls.__new__(cls)
+        scorer._java = check_java("CaptionScorer")
+        scorer._raw_references = {key: list(cached[key][0]) for key in references}
+        scorer._references = {key: list(cached[key][1]) for key in references}
+        logger.debug("read %d tokenised references from %s", len(references), path)
+        return scorer
 
     @property
     def num_images(self) -> int:
         """Number of images with references."""
         return len(self._references)
+
+    @property
+    def tokenized_references(self) -> dict[Key, list[str]]:
+        """Copy of the PTB-tokenised references: image key -> captions, tokens joined by spaces."""
+        return {key: list(texts) for key, texts in self._references.items()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the references, raw and tokenised, to a JSON reference cache.
+
+        The file is written under a temporary name and renamed, so a reader never sees a partly
+        written cache. It records the cache format version, the PTBTokenizer jar and flags, and
+        pycocoevalcap's punctuation list, and ``from_file`` rejects a cache whose values differ.
+
+        Args:
+            path: destination file; its folder must exist.
+
+        Returns:
+            The path written.
+
+        Raises:
+            TypeError: an image key is neither int nor str, which JSON cannot hold unchanged.
+        """
+        path = Path(path)
+        images = []
+        for key, tokenized in self._references.items():
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise TypeError(
+                    f"reference cache keys must be int or str; got {type(key).__name__} {key!r}"
+                )
+            images.append(
+                {"key": key, "references": self._raw_references[key], "tokenized": tokenized}
+            )
+        content = {**_reference_cache_identity(), "images": images}
+
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(content, stream, ensure_ascii=False)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        logger.info("wrote %d tokenised references to %s", len(images), path)
+        return path
 
     def score(self, predictions: Mapping[Key, str], *, meteor: bool = False) -> dict[str, float]:
         """Score one predicted caption per image.
@@ -268,6 +362,61 @@ class CaptionScorer(Generic[Key]):
                 kind = type(predictions[key]).__name__
                 raise TypeError(f"predictions must be str, one per image; got {kind} for {key!r}")
         return ptb_tokenize({key: [predictions[key]] for key in self._references}, java=self._java)
+
+
+def _check_references(references: Mapping[Key, Sequence[str]]) -> None:
+    if not references:
+        raise ValueError("references must contain at least one image; got an empty mapping")
+    empty = [key for key, texts in references.items() if len(texts) == 0]
+    if empty:
+        raise ValueError(
+            f"every image needs at least one reference caption; {len(empty)} have none, "
+            f"e.g. {empty[:5]!r}"
+        )
+
+
+def _reference_cache_identity() -> dict[str, Any]:
+    """Return what decides the tokenised text: cache version, tokenizer command, punctuation."""
+    return {
+        "format_version": REFERENCE_CACHE_VERSION,
+        "tokenizer": [PTB_JAR.name, *_PTB_COMMAND],
+        "punctuations": list(_ptb_module.PUNCTUATIONS),
+    }
+
+
+def _read_reference_cache(path: Path) -> dict[Any, tuple[list[str], list[str]]]:
+    """Read a cache written by ``CaptionScorer.save``: key -> (raw, tokenised captions)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference cache {path} does not exist; write it with "
+            "CaptionScorer(references).save(path)"
+        )
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        identity = {name: content[name] for name in _reference_cache_identity()}
+        images = {}
+        for entry in content["images"]:
+            raw, tokenized = entry["references"], entry["tokenized"]
+            if not isinstance(raw, list) or not isinstance(tokenized, list):
+                raise TypeError(f"captions of image {entry['key']!r} are not lists")
+            if len(raw) != len(tokenized):
+                raise ValueError(f"image {entry['key']!r} has {len(raw)} captions but "
+                                 f"{len(tokenized)} tokenised ones")
+            images[entry["key"]] = (raw, tokenized)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path} is not a reference cache written by CaptionScorer.save ({error!r}); "
+            "delete it and write it again"
+        ) from error
+
+    expected = _reference_cache_identity()
+    for name, value in identity.items():
+        if value != expected[name]:
+            raise ValueError(
+                f"reference cache {path} has {name} {value!r}, but this version uses "
+                f"{expected[name]!r}; delete it and write it again"
+            )
+    return images
 
 
 class _Meteor(_meteor_module.Meteor):

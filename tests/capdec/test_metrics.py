@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -206,7 +207,8 @@ def test_score_keys_match_metric_names(scorer: CaptionScorer) -> None:
     assert all(isinstance(value, float) for value in scores.values())
 
 
-def test_scorer_tokenizes_references_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_java_starts(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record the command of every subprocess.run call of capdec.metrics, then run it."""
     java_starts = []
     real_run = subprocess.run
 
@@ -215,6 +217,11 @@ def test_scorer_tokenizes_references_once(monkeypatch: pytest.MonkeyPatch) -> No
         return real_run(command, *args, **kwargs)
 
     monkeypatch.setattr(metrics.subprocess, "run", counting_run)
+    return java_starts
+
+
+def test_scorer_tokenizes_references_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    java_starts = _record_java_starts(monkeypatch)
     scorer = CaptionScorer(REFERENCES)
     predictions = {key: refs[0] for key, refs in REFERENCES.items()}
     scorer.score(predictions)
@@ -294,3 +301,105 @@ def test_meteor_of_identical_prediction_is_one() -> None:
     assert tuple(scores) == FINAL_SCORE_KEYS
     assert scores["meteor"] == pytest.approx(1.0, abs=1e-6)
     assert _install_dir_files() == before
+
+
+def test_tokenized_references_match_ptb_tokenize(scorer: CaptionScorer) -> None:
+    tokenized = scorer.tokenized_references
+
+    assert tokenized == ptb_tokenize(REFERENCES)
+    assert tokenized["dog"][0] == "a dog runs on the grass"
+
+
+def test_tokenized_references_is_a_copy(scorer: CaptionScorer) -> None:
+    scorer.tokenized_references["dog"].append("changed")
+
+    assert "changed" not in scorer.tokenized_references["dog"]
+
+
+def test_reference_cache_roundtrip_scores_equal(scorer: CaptionScorer, tmp_path: Path) -> None:
+    path = scorer.save(tmp_path / "references.json")
+    predictions = {"dog": "A dog running on grass.", "cat": "A cat on a sofa.", "bus": "A red car"}
+
+    cached = CaptionScorer.from_file(path, REFERENCES)
+
+    assert cached.tokenized_references == scorer.tokenized_references
+    assert cached.score(predictions) == scorer.score(predictions)
+
+
+def test_reference_cache_skips_reference_tokenizer(
+    scorer: CaptionScorer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = scorer.save(tmp_path / "references.json")
+    java_starts = _record_java_starts(monkeypatch)
+    cached = CaptionScorer.from_file(path, REFERENCES)
+    cached.score({key: refs[0] for key, refs in REFERENCES.items()})
+
+    # the only Java start tokenises the predictions
+    assert len(java_starts) == 1
+
+
+def test_reference_cache_serves_subset(scorer: CaptionScorer, tmp_path: Path) -> None:
+    path = scorer.save(tmp_path / "references.json")
+    subset = {"bus": REFERENCES["bus"], "dog": REFERENCES["dog"]}
+
+    cached = CaptionScorer.from_file(path, subset)
+
+    assert cached.num_images == 2
+    assert list(cached.tokenized_references) == ["bus", "dog"]
+    assert cached.tokenized_references["bus"] == scorer.tokenized_references["bus"]
+
+
+def test_reference_cache_keeps_int_and_str_keys(tmp_path: Path) -> None:
+    references = {7: ["A dog runs."], "7": ["A cat sleeps."]}
+    path = CaptionScorer(references).save(tmp_path / "references.json")
+
+    cached = CaptionScorer.from_file(path, references)
+
+    assert cached.tokenized_references == {7: ["a dog runs"], "7": ["a cat sleeps"]}
+
+
+def test_reference_cache_rejects_changed_captions(scorer: CaptionScorer, tmp_path: Path) -> None:
+    path = scorer.save(tmp_path / "references.json")
+    changed = {**REFERENCES, "cat": ["A dog on a sofa."]}
+
+    with pytest.raises(ValueError, match=r"other reference captions for 1 images, e.g. \['cat'\]"):
+        CaptionScorer.from_file(path, changed)
+
+
+def test_reference_cache_rejects_missing_image(scorer: CaptionScorer, tmp_path: Path) -> None:
+    path = scorer.save(tmp_path / "references.json")
+    extended = {**REFERENCES, "boat": ["A boat on a lake."]}
+
+    with pytest.raises(ValueError, match=r"lacks 1 of the 4 requested images, e.g. \['boat'\]"):
+        CaptionScorer.from_file(path, extended)
+
+
+def test_reference_cache_rejects_other_tokenizer(scorer: CaptionScorer, tmp_path: Path) -> None:
+    path = scorer.save(tmp_path / "references.json")
+    content = json.loads(path.read_text(encoding="utf-8"))
+    content["tokenizer"] = ["stanford-corenlp-9.9.9.jar"]
+    path.write_text(json.dumps(content), encoding="utf-8")
+
+    with pytest.raises(ValueError, match="has tokenizer .*9.9.9.*delete it and write it again"):
+        CaptionScorer.from_file(path, REFERENCES)
+
+
+def test_reference_cache_rejects_malformed_file(tmp_path: Path) -> None:
+    path = tmp_path / "references.json"
+    path.write_text('{"images": [}', encoding="utf-8")
+
+    with pytest.raises(ValueError, match="is not a reference cache written by CaptionScorer.save"):
+        CaptionScorer.from_file(path, REFERENCES)
+
+
+def test_reference_cache_rejects_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist; write it with"):
+        CaptionScorer.from_file(tmp_path / "absent.json", REFERENCES)
+
+
+def test_reference_cache_rejects_tuple_keys(tmp_path: Path) -> None:
+    scorer = CaptionScorer({("coco", 1): ["A dog runs."]})
+
+    with pytest.raises(TypeError, match=r"keys must be int or str; got tuple \('coco', 1\)"):
+        scorer.save(tmp_path / "references.json")
+    assert list(tmp_path.iterdir()) == []
