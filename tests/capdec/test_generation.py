@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from capdec.config import ModelConfig
 from capdec.generation import (
@@ -204,3 +205,30 @@ def test_float32_embeddings_follow_model_dtype(model, tokenizer, embeddings) -> 
         model, tokenizer, embeddings.float(), max_new_tokens=MAX_NEW_TOKENS
     )
     assert len(captions) == NUM_IMAGES
+
+
+def test_gpt2_small_shape_greedy_equals_reference(tokenizer) -> None:
+    # GPT-2 small's width, heads and vocabulary (50,257 plus pad), and ClipCap's prefix of 10
+    # from a 512-d CLIP embedding. It has 2 of GPT-2's 12 layers, so the uncached reference
+    # stays fast, and it runs in float32, the dtype of training and validation.
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50258,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=2,
+        n_head=12,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = ClipCaptionModel(GPT2LMHeadModel(config), clip_dim=512, prefix_length=10)
+    rows = torch.randn(4, 512, generator=torch.Generator().manual_seed(2))
+
+    reference = generate_token_ids_reference(model, tokenizer, rows, max_new_tokens=10)
+
+    assert len({tuple(ids) for ids in reference}) > 1
+    for batch_size in (1, 3, 4):
+        batched = generate_token_ids(
+            model, tokenizer, rows, batch_size=batch_size, max_new_tokens=10
+        )
+        assert batched == reference, f"batch_size={batch_size}"
