@@ -18,12 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from search_spaces.epsilon import epsilon, epsilon_linear
+from search_spaces.noise import full, noise
 
 SEARCH_PREFIX = "search/"
 
 SPACES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "epsilon": epsilon,
     "epsilon_linear": epsilon_linear,
+    "noise": noise,
+    "full": full,
 }
 
 
