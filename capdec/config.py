@@ -77,9 +77,9 @@ class NoiseConfig:
     modality_offset: str = "none"  # none | fixed (mean image - mean text) | learned vector
     image_ratio: float = 0.0  # fraction of training samples that are real image embeddings
     image_mixing: str = "interleave"  # interleave: every k-th sample; random: Bernoulli per sample
-    fgsm_epsilon: float = 0.0  # FGSM step size on the prefix embedding; 0 disables FGSM
+    fgsm_epsilon: float = 0.0  # FGSM step (L-inf) on the CLIP embedding fed to the mapping; 0 = off
     fgsm_alpha: float = 0.5  # loss = alpha * L(x) + (1 - alpha) * L(x_adv)
-    fgsm_random: bool = False  # draw the FGSM step per batch from N(0, fgsm_epsilon^2)
+    fgsm_random: bool = False  # draw the FGSM step per batch as |N(0, fgsm_epsilon^2)|
 
     def __post_init__(self) -> None:
         _check_choice("noise distribution", self.distribution, NOISE_DISTRIBUTIONS)

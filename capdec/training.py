@@ -268,7 +268,8 @@ class CapDecRun:
         (gradient,) = torch.autograd.grad(clean_loss, embeddings, retain_graph=True)
         step = noise_cfg.fgsm_epsilon
         if noise_cfg.fgsm_random:
-            step = float(torch.randn((), generator=self.torch_rng)) * noise_cfg.fgsm_epsilon
+            # |N(0, eps^2)|: a random size, always up the gradient
+            step = abs(float(torch.randn((), generator=self.torch_rng))) * noise_cfg.fgsm_epsilon
         adversarial = (embeddings + step * gradient.sign()).detach()
         adversarial_loss = self._loss(adversarial, tokens, mask)
         alpha = noise_cfg.fgsm_alpha

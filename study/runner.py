@@ -202,6 +202,14 @@ def check_space(settings: StudySettings) -> None:
         raise StudyError(f"search space {settings.space!r} failed when sampled: {error}") from error
     sampled = {**trial.params, **values}
     run_values = {k: v for k, v in sampled.items() if not k.startswith(SEARCH_PREFIX)}
+    overlap = sorted(set(run_values) & set(settings.run))
+    if overlap:
+        # Tune lets the space's values win, so the fixed value would be silently ignored
+        raise StudyError(
+            f"run setting(s) {', '.join(overlap)} are also set by search space "
+            f"{settings.space!r}, which would override them; remove them from run/--set or "
+            "use a space that leaves them alone"
+        )
     constants = settings.trial_constants(tokenizer_dir="")
     try:
         RunConfig.from_dict({**constants, **run_values})

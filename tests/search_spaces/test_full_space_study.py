@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -68,21 +67,7 @@ START_POINTS = [
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    """Start a 2-CPU local Ray for this module, or reuse one that another test folder started."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=True)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def full_study_runs(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path, ray_instance):
+def full_study_runs(tmp_path_factory: pytest.TempPathFactory, toy_dataset: Path, local_ray):
     storage = tmp_path_factory.mktemp("studies")
     settings = StudySettings(
         name="toy-full",

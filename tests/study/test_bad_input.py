@@ -49,7 +49,7 @@ def test_space_with_invalid_value_is_rejected(tmp_path: Path, toy_dataset: Path,
     module = tmp_path / "my_spaces.py"
     module.write_text(
         "def negative(trial):\n"
-        "    trial.suggest_float('lr', 0.1, 0.2)\n"
+        "    trial.suggest_float('search/x', 0.1, 0.2)\n"
         "    return {'epsilon': -1.0}\n"
         "def typo(trial):\n"
         "    return {'epsilonn': 0.1}\n"
@@ -88,3 +88,9 @@ def test_cuda_device_without_cuda_is_rejected() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available on this machine; use --device cpu"):
         resolve_device("cuda")
+
+
+def test_fixed_value_searched_by_space_is_rejected(tmp_path: Path, toy_dataset: Path) -> None:
+    settings = _settings(tmp_path, toy_dataset, space="epsilon", run={**TOY_RUN, "epsilon": 0.2})
+    with pytest.raises(StudyError, match="run setting\\(s\\) epsilon are also set by search space 'epsilon'"):
+        check_space(settings)
