@@ -11,6 +11,7 @@ VAL_CIDER_BEST = "val/cider_best"  # best validation CIDEr so far; what the stud
 BEST_EPOCH = "val/best_epoch"
 VAL_BLEU = tuple(f"val/bleu_{n}" for n in range(1, 5))
 VAL_ROUGE_L = "val/rouge_l"
+VAL_ATTRIBUTE_F1 = "val/attribute_f1"  # synthetic demo world only
 EPOCH_SECONDS = "time/epoch_s"
 VAL_SECONDS = "time/val_s"
 

@@ -222,6 +222,11 @@ class CapDecRun:
         references = self.dataset.references("val")
         self.val_references = {int(r): references[int(r)] for r in rows}
         self.scorer = scorer if scorer is not None else CaptionScorer(self.val_references)
+        self.val_attributes = None
+        if "image_attributes" in self.dataset.manifest.get("source", {}):
+            from capdec.demo_data import image_attributes
+
+            self.val_attributes = image_attributes(self.dataset)
 
     # ---------------------------------------------------------------- training
 
@@ -364,6 +369,14 @@ class CapDecRun:
         predictions = {int(r): c for r, c in zip(self.val_rows, captions)}
         scores = self.scorer.score(predictions)
         metrics = {f"val/{key}": value for key, value in scores.items()}
+        if self.val_attributes is not None:
+            # synthetic world only: F1 of the size-colour-shape triples each caption names
+            from capdec.world import mean_attribute_f1
+
+            metrics[names.VAL_ATTRIBUTE_F1] = mean_attribute_f1(
+                [predictions[int(r)] for r in self.val_rows],
+                [self.val_attributes[int(r)] for r in self.val_rows],
+            )
         return metrics, predictions
 
     def run_epoch(self, *, progress: bool = False) -> dict[str, float]:
