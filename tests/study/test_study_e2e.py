@@ -116,6 +116,7 @@ def test_nan_loss_fails_only_that_trial(tmp_path: Path, toy_dataset: Path, local
         trials=2,
         start_points=[{"lr": 1e12}, {"lr": 3e-3}],
         max_failures=0,
+        run={key: value for key, value in TOY_RUN.items() if key != "lr"},
     )
     outcome = run_study(settings)
     assert outcome.finished == 2
