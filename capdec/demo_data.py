@@ -44,7 +44,7 @@ WORLD_KIND = "capdec-world"
 FULL_WORLD = WorldConfig()
 FULL_CLIP = WorldClipConfig()
 QUICK_WORLD = WorldConfig(num_train=2000, num_val=200, num_test=200)
-QUICK_CLIP = WorldClipConfig(epochs=6, batch_size=128)
+QUICK_CLIP = WorldClipConfig(epochs=8, warmup_steps=50)  # a fifth of the images, so more passes
 
 
 def demo_configs(*, seed: int = 0, quick: bool = False) -> tuple[WorldConfig, WorldClipConfig]:

@@ -1,13 +1,15 @@
 """The tiny CLIP of the demo world: an open_clip model trained contrastively on the world's pairs.
 
 No pretrained CLIP can be downloaded for the demo, and a randomly initialised one carries no
-meaning, so the demo trains its own: open_clip's ``CLIP`` class with a small ModifiedResNet image
-tower and a two-layer text transformer over the world's word vocabulary, optimised with
+meaning, so the demo trains its own. It is open_clip's ``CLIP`` class with a small ModifiedResNet
+image tower and a two-layer text transformer over the world's word vocabulary, optimised with
 open_clip's ``ClipLoss``.
 
 The learnable logit scale starts at log(100), the value OpenAI's CLIP ends training with (open_clip
 clamps it there too). Started at open_clip's default log(1/0.07) instead, the two modalities
-nearly merge on this world and the gap that noise injection bridges disappears.
+nearly merge and the gap that noise injection bridges disappears: on the quick demo world
+(``capdec.demo_data.QUICK_CLIP``) that start gave a modality gap of 0.08 and a matched-pair cosine
+of 0.95, against 0.94 and 0.47 from log(100).
 
 A trained model is cached under ``<cache root>/capdec-study/world-clip/<settings hash>/`` with
 its diagnostics, written atomically and reused by later builds with the same settings.
@@ -59,11 +61,13 @@ class WorldClipConfig:
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 24  # tokens including start and end; the longest caption has 19 words
-    epochs: int = 10
-    batch_size: int = 256  # image-caption pairs per step, one random caption per image
-    lr: float = 1e-3  # peak AdamW learning rate, cosine decay after warm-up
+    epochs: int = 6
+    # image-caption pairs per step, one random caption per image; at a fixed number of images
+    # seen, 64 reached higher retrieval than 128 or 256 because it takes more steps
+    batch_size: int = 64
+    lr: float = 2e-3  # peak AdamW learning rate, cosine decay after warm-up
     weight_decay: float = 0.1
-    warmup_steps: int = 20
+    warmup_steps: int = 100
     init_logit_scale: float = math.log(100.0)  # log of the inverse softmax temperature
 
     def __post_init__(self) -> None:
@@ -311,6 +315,7 @@ class CachedClip:
 def _write_cache(folder: Path, model: open_clip.CLIP, record: dict[str, Any]) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp creates it private to the user
     try:
         torch.save(
             {"state_dict": model.state_dict(), "world": record["world"], "clip": record["clip"]},

@@ -23,7 +23,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
     out = tmp_path_factory.mktemp("demo") / "prepared"
-    return load_prepared(build_demo_dataset(out, quick=True, cache_dir=cache_dir, num_threads=2))
+    return load_prepared(build_demo_dataset(out, quick=True, cache_dir=cache_dir, num_threads=1))
 
 
 def test_demo_dataset_counts(dataset) -> None:
@@ -95,14 +95,18 @@ def test_demo_rebuild_reuses_cache(
         raise AssertionError("the cached world CLIP was trained again")
 
     monkeypatch.setattr(world_clip, "train_world_clip", fail)
-    again = load_prepared(build_demo_dataset(tmp_path / "again", quick=True, cache_dir=cache_dir, num_threads=2))
+    again = load_prepared(build_demo_dataset(tmp_path / "again", quick=True, cache_dir=cache_dir, num_threads=1))
     assert again.content_hash == dataset.content_hash
 
 
 def test_demo_build_restores_thread_count(dataset, cache_dir: Path, tmp_path: Path) -> None:
     before = torch.get_num_threads()
-    build_demo_dataset(tmp_path / "threads", quick=True, cache_dir=cache_dir, num_threads=1)
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        build_demo_dataset(tmp_path / "threads", quick=True, cache_dir=cache_dir, num_threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_demo_build_rejects_zero_threads(tmp_path: Path) -> None:
