@@ -5,10 +5,10 @@ encodes every image and caption and writes a prepared-dataset folder that the tr
 like one made from COCO. The world has no text-only corpus, so every caption is a "paired"
 caption of a world image and studies on it train with ``train_text="train"``.
 
-Besides the usual manifest fields, ``source`` holds the world and CLIP settings, the CLIP
-diagnostics on the validation split, the ``modality_offset`` vector of the fixed-offset variant,
-and ``image_attributes``: the size-colour-shape triples of each validation and test image, keyed
-by image row, for ``capdec.world.attribute_f1``.
+Besides the usual manifest fields, ``source`` contains the world and CLIP settings, the CLIP
+diagnostics on the validation split and the ``modality_offset`` vector of the fixed-offset
+variant. Its ``image_attributes`` map each validation and test image row to the size-colour-shape
+triples that ``capdec.world.attribute_f1`` scores against.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def build_demo_dataset(
         out: destination folder; it must not exist or must be a previous prepared folder.
         seed: world seed; it also seeds the CLIP's initialisation and batch order.
         quick: build the small world and short CLIP training meant for tests.
-        cache_dir: folder of cached world CLIPs; default ``$XDG_CACHE_HOME/capdec-study/world-clip``.
+        cache_dir: folder of cached world CLIPs; None uses
+            ``$XDG_CACHE_HOME/capdec-study/world-clip``.
         num_threads: torch intra-op threads while building; None leaves torch's setting.
 
     Returns:
@@ -97,15 +98,20 @@ def build_demo_dataset(
         world = generate_world(world_config)
         clip = load_or_train_world_clip(world, clip_config, cache_dir=cache_dir)
         images, captions, caption_image = _records(world)
-        image_features = encode_images(clip.model, np.concatenate([world.splits[s].images for s in SPLITS]))
+        image_features = encode_images(
+            clip.model, np.concatenate([world.splits[s].images for s in SPLITS])
+        )
         text_features = encode_texts(clip.model, clip.tokenizer, [c.text for c in captions])
 
     diagnostics = _val_diagnostics(world, images, caption_image, image_features, text_features)
     logger.info(
         "world CLIP on val: image-to-text top-1 %.3f (own captions %.3f, chance %.4f), "
         "modality gap %.3f, matched cosine %.3f",
-        diagnostics["i2t_top1_content"], diagnostics["i2t_top1"], diagnostics["i2t_chance_content"],
-        diagnostics["modality_gap"], diagnostics["matched_cosine"],
+        diagnostics["i2t_top1_content"],
+        diagnostics["i2t_top1"],
+        diagnostics["i2t_chance_content"],
+        diagnostics["modality_gap"],
+        diagnostics["matched_cosine"],
     )
     train_images = np.asarray([im.split == "train" for im in images])
     train_captions = np.asarray([c.split == "train" for c in captions])
@@ -131,7 +137,7 @@ def build_demo_dataset(
 
 
 def _records(world: World) -> tuple[list[ImageRecord], list[CaptionRecord], np.ndarray]:
-    """Lay out images split by split and captions image by image; also return each caption's image row."""
+    """Lay out images split by split and captions image by image, plus each caption's image row."""
     images, captions, caption_image = [], [], []
     for split in SPLITS:
         part = world.splits[split]
@@ -155,7 +161,10 @@ def _val_diagnostics(
     val_captions = np.flatnonzero(np.isin(caption_image, val_rows))
     content = [scene.combination for scene in world.splits["val"].scenes]
     diagnostics: dict[str, Any] = clip_diagnostics(
-        image_features[val_rows], text_features[val_captions], caption_image[val_captions] - val_rows[0], content
+        image_features[val_rows],
+        text_features[val_captions],
+        caption_image[val_captions] - val_rows[0],
+        content,
     )
     diagnostics["definition"] = (
         "split val. i2t_top1_content: share of val images whose nearest caption (cosine, among "
@@ -178,8 +187,13 @@ def _source(
 ) -> dict[str, Any]:
     evaluated = [(row, im.split) for row, im in enumerate(images) if im.split != "train"]
     scenes = {split: iter(world.splits[split].scenes) for split in ("val", "test")}
-    attributes = {str(row): [" ".join(t) for t in next(scenes[split]).attributes] for row, split in evaluated}
-    training = {k: clip.record[k] for k in ("train_seconds", "epoch_losses", "logit_scale", "num_parameters")}
+    attributes = {
+        str(row): [" ".join(t) for t in next(scenes[split]).attributes] for row, split in evaluated
+    }
+    training = {
+        k: clip.record[k]
+        for k in ("train_seconds", "epoch_losses", "logit_scale", "num_parameters")
+    }
     return {
         "kind": WORLD_KIND,
         "seed": world.config.seed,
@@ -187,6 +201,7 @@ def _source(
         "world": world.config.to_dict(),
         "clip_settings": clip.record["clip"],
         "clip_training": training,
+        "clip_loaded_from_cache": not clip.trained,
         "clip_diagnostics": diagnostics,
         "modality_offset": [float(x) for x in offset],
         "image_attributes": attributes,

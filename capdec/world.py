@@ -54,7 +54,11 @@ _POSITION_PHRASES = {
     "top": ("at the top", "near the top"),
     "bottom": ("at the bottom", "near the bottom"),
 }
-_BACKGROUND_WORDS = {"dark": ("dark", "black"), "gray": ("gray", "grey"), "light": ("light", "white")}
+_BACKGROUND_WORDS = {
+    "dark": ("dark", "black"),
+    "gray": ("gray", "grey"),
+    "light": ("light", "white"),
+}
 
 # {obj}, {left} and {right} are "size colour shape" phrases; {pos} a position phrase; {bg} a colour
 _SINGLE_TEMPLATES = (
@@ -90,8 +94,18 @@ _RGB = {
     "purple": (0.60, 0.20, 0.80),
     "orange": (1.00, 0.55, 0.05),
 }
-_BACKGROUND_RGB = {"dark": (0.08, 0.08, 0.10), "gray": (0.50, 0.50, 0.50), "light": (0.92, 0.92, 0.90)}
-_CENTRES = {"left": (9.0, 16.0), "center": (16.0, 16.0), "right": (23.0, 16.0), "top": (16.0, 9.0), "bottom": (16.0, 23.0)}
+_BACKGROUND_RGB = {
+    "dark": (0.08, 0.08, 0.10),
+    "gray": (0.50, 0.50, 0.50),
+    "light": (0.92, 0.92, 0.90),
+}
+_CENTRES = {
+    "left": (9.0, 16.0),
+    "center": (16.0, 16.0),
+    "right": (23.0, 16.0),
+    "top": (16.0, 9.0),
+    "bottom": (16.0, 23.0),
+}
 _RADII = {"small": 3.5, "large": 6.0}  # pixels; a large shape at "left" spans columns 3-15
 
 
@@ -116,9 +130,13 @@ class WorldConfig:
     num_train: int = 10_000  # training images
     num_val: int = 500  # validation images, all with held-out combinations
     num_test: int = 500  # test images, held-out combinations disjoint from validation's
-    captions_per_image: int = 5  # distinct captions per image, at most 8 (the templates per layout)
+    captions_per_image: int = (
+        5  # distinct captions per image, at most 8 (the templates per layout)
+    )
     pair_fraction: float = 0.5  # probability that a scene has two objects
-    heldout_fraction: float = 0.1  # share of each layout's combinations kept for val, and again for test
+    heldout_fraction: float = (
+        0.1  # share of each layout's combinations kept for val, and again for test
+    )
     pixel_noise: float = 0.06  # standard deviation of Gaussian pixel noise, intensities in [0, 1]
     seed: int = 0
 
@@ -128,7 +146,8 @@ class WorldConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 1 <= self.captions_per_image <= len(_SINGLE_TEMPLATES):
             raise ValueError(
-                f"captions_per_image must be in [1, {len(_SINGLE_TEMPLATES)}]; got {self.captions_per_image}"
+                f"captions_per_image must be in [1, {len(_SINGLE_TEMPLATES)}]; "
+                f"got {self.captions_per_image}"
             )
         if not 0.0 <= self.pair_fraction <= 1.0:
             raise ValueError(f"pair_fraction must be in [0, 1]; got {self.pair_fraction}")
@@ -164,13 +183,15 @@ class Scene:
 
     @property
     def attributes(self) -> list[Triple]:
-        """The size-colour-shape triples of the scene's objects, the gold set of ``attribute_f1``."""
+        """The size-colour-shape triples of the scene's objects, gold set of ``attribute_f1``."""
         return [obj.triple for obj in self.objects]
 
     @property
     def combination(self) -> tuple:
-        """The object-and-position combination that decides the scene's split (background excluded)."""
-        return (self.layout,) + tuple((o.size, o.colour, o.shape, o.position) for o in self.objects)
+        """The object-and-position combination that decides the scene's split (no background)."""
+        return (self.layout,) + tuple(
+            (o.size, o.colour, o.shape, o.position) for o in self.objects
+        )
 
 
 @dataclass
@@ -200,9 +221,9 @@ def _all_combinations(layout: str) -> list[tuple]:
 def split_combinations(config: WorldConfig) -> dict[str, frozenset[tuple]]:
     """Assign every object-and-position combination to exactly one split.
 
-    The combinations of each layout are shuffled with the world seed; the first
-    ``heldout_fraction`` go to val, the next ``heldout_fraction`` to test and the rest to train.
-    Pairs never repeat a triple, so a pair caption never has to say "two".
+    The combinations of each layout are shuffled with the world seed. The first
+    ``heldout_fraction`` of them go to val, the next ``heldout_fraction`` to test and the rest to
+    train. Pairs never repeat a triple, so a pair caption never has to say "two".
 
     Returns:
         Split name -> frozenset of ``Scene.combination`` tuples.
@@ -213,9 +234,9 @@ def split_combinations(config: WorldConfig) -> dict[str, frozenset[tuple]]:
         combos = _all_combinations(layout)
         order = rng.permutation(len(combos))
         n_heldout = max(1, round(config.heldout_fraction * len(combos)))
-        for rank, index in enumerate(order):
-            split = "val" if rank < n_heldout else "test" if rank < 2 * n_heldout else "train"
-            assigned[split].add(combos[index])
+        assigned["val"].update(combos[i] for i in order[:n_heldout])
+        assigned["test"].update(combos[i] for i in order[n_heldout : 2 * n_heldout])
+        assigned["train"].update(combos[i] for i in order[2 * n_heldout :])
     return {split: frozenset(combos) for split, combos in assigned.items()}
 
 
@@ -223,7 +244,9 @@ def _scene_of(combination: tuple, background: str) -> Scene:
     return Scene(tuple(WorldObject(*parts) for parts in combination[1:]), background)
 
 
-def _sample_scenes(n: int, combinations: frozenset[tuple], config: WorldConfig, rng: np.random.Generator) -> list[Scene]:
+def _sample_scenes(
+    n: int, combinations: frozenset[tuple], config: WorldConfig, rng: np.random.Generator
+) -> list[Scene]:
     by_layout = {layout: sorted(c for c in combinations if c[0] == layout) for layout in LAYOUTS}
     scenes = []
     for _ in range(n):
@@ -313,7 +336,10 @@ def generate_world(config: WorldConfig) -> World:
         splits[split] = WorldSplit(split, scenes, images, captions)
     logger.info(
         "generated world: %d train, %d val, %d test images, %d captions each",
-        config.num_train, config.num_val, config.num_test, config.captions_per_image,
+        config.num_train,
+        config.num_val,
+        config.num_test,
+        config.captions_per_image,
     )
     return World(config, splits, combinations)
 
@@ -321,9 +347,9 @@ def generate_world(config: WorldConfig) -> World:
 def parse_attributes(caption: str) -> list[tuple[str | None, str | None, str]]:
     """Read the objects a caption names as canonical (size, colour, shape) triples.
 
-    Every shape word starts an object; the colour is taken from the word just before it and the
-    size from the word before the colour (or before the shape when no colour is named). A missing
-    part is None, so such an object matches no gold triple.
+    Every shape word starts an object. Its colour is the word just before it, and its size the
+    word before the colour, or before the shape when no colour is named. A missing part is None,
+    so such an object matches no gold triple.
     """
     words = re.findall(r"[a-z]+", caption.lower())
     objects = []
@@ -343,8 +369,8 @@ def parse_attributes(caption: str) -> list[tuple[str | None, str | None, str]]:
 def attribute_f1(prediction: str, attributes: Sequence[Sequence[str]]) -> float:
     """Score a caption by the F1 of the size-colour-shape triples it names against the gold ones.
 
-    Triples are matched as multisets; a named object with a wrong or missing size, colour or
-    shape counts as a false positive, and a gold object not named as a false negative.
+    Triples are matched as multisets. A named object with a wrong or missing size, colour or
+    shape counts as a false positive, and a gold object that is not named as a false negative.
 
     Args:
         prediction: a generated caption.
@@ -358,11 +384,15 @@ def attribute_f1(prediction: str, attributes: Sequence[Sequence[str]]) -> float:
         ValueError: when ``attributes`` is empty or an entry is not a triple.
     """
     if not attributes:
-        raise ValueError("attributes must name at least one (size, colour, shape) triple; got none")
+        raise ValueError(
+            "attributes must name at least one (size, colour, shape) triple; got none"
+        )
     gold = Counter()
     for triple in attributes:
         if len(triple) != 3:
-            raise ValueError(f"each attribute must be a (size, colour, shape) triple; got {triple!r}")
+            raise ValueError(
+                f"each attribute must be a (size, colour, shape) triple; got {triple!r}"
+            )
         gold[tuple(triple)] += 1
     predicted = Counter(parse_attributes(prediction))
     matched = sum((predicted & gold).values())
@@ -373,14 +403,21 @@ def attribute_f1(prediction: str, attributes: Sequence[Sequence[str]]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def mean_attribute_f1(predictions: Sequence[str], attributes: Sequence[Sequence[Sequence[str]]]) -> float:
+def mean_attribute_f1(
+    predictions: Sequence[str], attributes: Sequence[Sequence[Sequence[str]]]
+) -> float:
     """Return the mean ``attribute_f1`` over a corpus of captions, one per image.
 
     Raises:
         ValueError: when the two sequences differ in length or are empty.
     """
     if len(predictions) != len(attributes):
-        raise ValueError(f"{len(predictions)} predictions but {len(attributes)} attribute lists; pass one per image")
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(attributes)} attribute lists; "
+            "pass one per image"
+        )
     if not predictions:
         raise ValueError("mean_attribute_f1 needs at least one prediction; got none")
-    return float(np.mean([attribute_f1(p, a) for p, a in zip(predictions, attributes)]))
+    return float(
+        np.mean([attribute_f1(p, a) for p, a in zip(predictions, attributes, strict=True)])
+    )

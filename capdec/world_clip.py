@@ -7,7 +7,7 @@ open_clip's ``ClipLoss``.
 
 The learnable logit scale starts at log(100), the value OpenAI's CLIP ends training with (open_clip
 clamps it there too). Started at open_clip's default log(1/0.07) instead, the two modalities
-nearly merge and the gap that noise injection bridges disappears: on the quick demo world
+nearly merge and the gap that noise injection bridges disappears. On the quick demo world
 (``capdec.demo_data.QUICK_CLIP``) that start gave a modality gap of 0.08 and a matched-pair cosine
 of 0.95, against 0.94 and 0.47 from log(100).
 
@@ -62,8 +62,8 @@ class WorldClipConfig:
     text_heads: int = 4
     context_length: int = 24  # tokens including start and end; the longest caption has 19 words
     epochs: int = 6
-    # image-caption pairs per step, one random caption per image; at a fixed number of images
-    # seen, 64 reached higher retrieval than 128 or 256 because it takes more steps
+    # image-caption pairs per step, one random caption per image. For the same number of images
+    # seen, 64 reached higher retrieval than 128 or 256 on the quick world: it takes more steps.
     batch_size: int = 64
     lr: float = 2e-3  # peak AdamW learning rate, cosine decay after warm-up
     weight_decay: float = 0.1
@@ -71,13 +71,26 @@ class WorldClipConfig:
     init_logit_scale: float = math.log(100.0)  # log of the inverse softmax temperature
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "vision_width", "text_width", "text_layers", "text_heads", "epochs", "batch_size"):
+        for name in (
+            "embed_dim",
+            "vision_width",
+            "text_width",
+            "text_layers",
+            "text_heads",
+            "epochs",
+            "batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if len(self.vision_layers) != 4 or min(self.vision_layers) < 1:
-            raise ValueError(f"vision_layers must be 4 block counts >= 1; got {self.vision_layers}")
+            raise ValueError(
+                f"vision_layers must be 4 block counts >= 1; got {self.vision_layers}"
+            )
         if self.text_width % self.text_heads:
-            raise ValueError(f"text_width ({self.text_width}) must be divisible by text_heads ({self.text_heads})")
+            raise ValueError(
+                f"text_width ({self.text_width}) must be divisible by "
+                f"text_heads ({self.text_heads})"
+            )
         if self.context_length < 3:
             raise ValueError(f"context_length must be >= 3; got {self.context_length}")
         if self.lr <= 0:
@@ -123,7 +136,9 @@ class WorldTokenizer:
             try:
                 ids = [self.start_id] + [self.word_ids[w] for w in words] + [self.end_id]
             except KeyError as error:
-                raise ValueError(f"word {error.args[0]!r} of caption {text!r} is not in the world vocabulary") from None
+                raise ValueError(
+                    f"word {error.args[0]!r} of caption {text!r} is not in the world vocabulary"
+                ) from None
             tokens[row, : len(ids)] = torch.tensor(ids)
         return tokens
 
@@ -136,7 +151,10 @@ def build_world_clip(config: WorldClipConfig, vocab_size: int) -> open_clip.CLIP
         vocab_size: size of the ``WorldTokenizer`` vocabulary, end token included.
     """
     vision = CLIPVisionCfg(
-        layers=config.vision_layers, width=config.vision_width, head_width=64, image_size=IMAGE_SIZE
+        layers=config.vision_layers,
+        width=config.vision_width,
+        head_width=64,
+        image_size=IMAGE_SIZE,
     )
     text = CLIPTextCfg(
         context_length=config.context_length,
@@ -149,7 +167,7 @@ def build_world_clip(config: WorldClipConfig, vocab_size: int) -> open_clip.CLIP
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """Convert (N, 32, 32, 3) uint8 images to the normalised (N, 3, 32, 32) float input of the CLIP."""
+    """Convert (N, 32, 32, 3) uint8 images to the normalised (N, 3, 32, 32) float CLIP input."""
     pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     return (pixels - _PIXEL_MEAN) / _PIXEL_STD
 
@@ -179,13 +197,17 @@ def train_world_clip(world: World, config: WorldClipConfig) -> tuple[open_clip.C
 
     train = world.splits["train"]
     pixels = images_to_tensor(train.images)
-    tokens = torch.stack([tokenizer(captions) for captions in train.captions])  # (N, captions, context)
+    tokens = torch.stack(
+        [tokenizer(captions) for captions in train.captions]
+    )  # (N, captions, context)
     n_images, n_captions = tokens.shape[:2]
     generator = torch.Generator().manual_seed(seed)
 
     steps_per_epoch = math.ceil(n_images / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _cosine_schedule(step, config.warmup_steps, total_steps)
     )
@@ -198,7 +220,9 @@ def train_world_clip(world: World, config: WorldClipConfig) -> tuple[open_clip.C
         losses = []
         for start in range(0, n_images, config.batch_size):
             rows = order[start : start + config.batch_size]
-            image_features, text_features, logit_scale = model(pixels[rows], tokens[rows, choice[rows]])
+            image_features, text_features, logit_scale = model(
+                pixels[rows], tokens[rows, choice[rows]]
+            )
             loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,7 +245,9 @@ def encode_images(model: open_clip.CLIP, images: np.ndarray, batch_size: int = 5
     """Encode (N, 32, 32, 3) uint8 images as unnormalised (N, embed_dim) float32 features."""
     model.eval()
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="encode images", unit="batch", leave=False):
+    for start in tqdm(
+        range(0, len(images), batch_size), desc="encode images", unit="batch", leave=False
+    ):
         chunks.append(model.encode_image(images_to_tensor(images[start : start + batch_size])))
     return torch.cat(chunks).numpy().astype(np.float32)
 
@@ -233,7 +259,9 @@ def encode_texts(
     """Encode captions as unnormalised (len(texts), embed_dim) float32 features."""
     model.eval()
     chunks = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="encode captions", unit="batch", leave=False):
+    for start in tqdm(
+        range(0, len(texts), batch_size), desc="encode captions", unit="batch", leave=False
+    ):
         chunks.append(model.encode_text(tokenizer(texts[start : start + batch_size])))
     return torch.cat(chunks).numpy().astype(np.float32)
 
@@ -263,12 +291,12 @@ def clip_diagnostics(
             content describe each other's images equally well.
 
     Returns:
-        ``i2t_top1``: share of images whose nearest caption (cosine, among all the split's captions)
-        is one of their own. ``i2t_top1_content``: the same, also counting a caption of another
-        image with identical content. ``i2t_chance_content``: the expected ``i2t_top1_content`` of a
-        caption picked at random. ``modality_gap``: L2 distance between the mean normalised image
-        and the mean normalised text feature. ``matched_cosine``: mean cosine of an image and its
-        own captions.
+        ``i2t_top1``: share of images whose nearest caption (cosine, among all the split's
+        captions) is one of their own. ``i2t_top1_content``: the same, also counting a caption of
+        another image with identical content. ``i2t_chance_content``: the expected
+        ``i2t_top1_content`` of a caption picked at random. ``modality_gap``: L2 distance between
+        the mean normalised image and the mean normalised text feature. ``matched_cosine``: mean
+        cosine of an image and its own captions.
     """
     images, texts = _normalize(image_features), _normalize(text_features)
     caption_image = np.asarray(caption_image)
@@ -292,12 +320,16 @@ def clip_diagnostics(
 
 def settings_hash(world_config: WorldConfig, clip_config: WorldClipConfig) -> str:
     """Return a 16-hex-digit hash of everything that determines the trained world CLIP."""
-    settings = {"cache_version": CACHE_VERSION, "world": world_config.to_dict(), "clip": clip_config.to_dict()}
+    settings = {
+        "cache_version": CACHE_VERSION,
+        "world": world_config.to_dict(),
+        "clip": clip_config.to_dict(),
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
-    """Return ``$XDG_CACHE_HOME/capdec-study/world-clip`` (``~/.cache`` when the variable is unset)."""
+    """Return ``$XDG_CACHE_HOME/capdec-study/world-clip``, with ``~/.cache`` if it is unset."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "capdec-study" / "world-clip"
 
@@ -360,7 +392,9 @@ def load_or_train_world_clip(
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state["state_dict"])
         except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as error:
-            raise RuntimeError(f"could not load cached world CLIP {checkpoint}; delete {folder} and rerun") from error
+            raise RuntimeError(
+                f"could not load cached world CLIP {checkpoint}; delete {folder} and rerun"
+            ) from error
         with open(folder / DIAGNOSTICS_FILE, encoding="utf-8") as handle:
             record = json.load(handle)
         logger.info("loaded cached world CLIP %s", checkpoint)
@@ -383,9 +417,16 @@ def load_or_train_world_clip(
     return CachedClip(model, tokenizer, checkpoint, digest, True, record)
 
 
-def _split_diagnostics(model: open_clip.CLIP, tokenizer: WorldTokenizer, world: World, split: str) -> dict[str, float]:
+def _split_diagnostics(
+    model: open_clip.CLIP, tokenizer: WorldTokenizer, world: World, split: str
+) -> dict[str, float]:
     part = world.splits[split]
     texts = [caption for captions in part.captions for caption in captions]
     caption_image = np.repeat(np.arange(len(part.scenes)), [len(c) for c in part.captions])
     content = [scene.combination for scene in part.scenes]
-    return clip_diagnostics(encode_images(model, part.images), encode_texts(model, tokenizer, texts), caption_image, content)
+    return clip_diagnostics(
+        encode_images(model, part.images),
+        encode_texts(model, tokenizer, texts),
+        caption_image,
+        content,
+    )

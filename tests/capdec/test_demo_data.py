@@ -42,7 +42,10 @@ def test_demo_captions_are_paired_with_their_images(dataset) -> None:
     assert {c.source for c in dataset.captions} == {"paired"}
     for caption in dataset.captions[::97]:
         assert dataset.images[caption.image].split == caption.split
-    assert len(dataset.training_caption_indices("train")) == dataset.manifest["counts"]["train_captions"]
+    assert (
+        len(dataset.training_caption_indices("train"))
+        == dataset.manifest["counts"]["train_captions"]
+    )
 
 
 def test_demo_clip_identity(dataset, cache_dir: Path) -> None:
@@ -95,8 +98,12 @@ def test_demo_rebuild_reuses_cache(
         raise AssertionError("the cached world CLIP was trained again")
 
     monkeypatch.setattr(world_clip, "train_world_clip", fail)
-    again = load_prepared(build_demo_dataset(tmp_path / "again", quick=True, cache_dir=cache_dir, num_threads=1))
+    again = load_prepared(
+        build_demo_dataset(tmp_path / "again", quick=True, cache_dir=cache_dir, num_threads=1)
+    )
     assert again.content_hash == dataset.content_hash
+    assert again.manifest["source"]["clip_loaded_from_cache"] is True
+    assert dataset.manifest["source"]["clip_loaded_from_cache"] is False
 
 
 def test_demo_build_restores_thread_count(dataset, cache_dir: Path, tmp_path: Path) -> None:
@@ -115,6 +122,8 @@ def test_demo_build_rejects_zero_threads(tmp_path: Path) -> None:
 
 
 def test_image_attributes_requires_demo_dataset(dataset) -> None:
-    coco_like = dataclasses.replace(dataset, manifest={**dataset.manifest, "source": {"karpathy_json": "x"}})
+    coco_like = dataclasses.replace(
+        dataset, manifest={**dataset.manifest, "source": {"karpathy_json": "x"}}
+    )
     with pytest.raises(ValueError, match="no image attributes"):
         image_attributes(coco_like)

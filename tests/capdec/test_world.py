@@ -45,7 +45,7 @@ def test_world_split_sizes_and_image_shape(world) -> None:
     assert len(world.splits["test"].captions) == 60
 
 
-def test_world_val_and_test_do_not_depend_on_train_size(world) -> None:
+def test_world_heldout_splits_ignore_train_size(world) -> None:
     larger = generate_world(WorldConfig(num_train=500, num_val=60, num_test=60))
     assert np.array_equal(world.splits["val"].images, larger.splits["val"].images)
     assert world.splits["test"].captions == larger.splits["test"].captions
@@ -62,7 +62,9 @@ def test_captions_are_distinct_and_in_vocabulary(world) -> None:
 
 
 def test_captions_name_the_scene_objects(world) -> None:
-    for scene, captions in zip(world.splits["train"].scenes, world.splits["train"].captions):
+    for scene, captions in zip(
+        world.splits["train"].scenes, world.splits["train"].captions, strict=True
+    ):
         for caption in captions:
             assert attribute_f1(caption, scene.attributes) == 1.0, caption
 
@@ -109,14 +111,19 @@ GOLD_PAIR = [("small", "red", "circle"), ("large", "blue", "square")]
 
 
 def test_attribute_f1_exact() -> None:
-    assert attribute_f1("a little red circle on the left and a big blue box on the right", GOLD_PAIR) == 1.0
+    assert (
+        attribute_f1("a little red circle on the left and a big blue box on the right", GOLD_PAIR)
+        == 1.0
+    )
 
 
 def test_attribute_f1_partial() -> None:
     # one of two objects named, correctly: precision 1, recall 1/2
     assert attribute_f1("a small red circle on the left", GOLD_PAIR) == pytest.approx(2 / 3)
     # two objects named, one right: precision 1/2, recall 1/2
-    assert attribute_f1("a small red circle and a small blue square", GOLD_PAIR) == pytest.approx(0.5)
+    assert attribute_f1("a small red circle and a small blue square", GOLD_PAIR) == pytest.approx(
+        0.5
+    )
 
 
 def test_attribute_f1_wrong_colour() -> None:
@@ -129,7 +136,9 @@ def test_attribute_f1_empty_prediction() -> None:
 
 def test_attribute_f1_repeated_object_counts_once() -> None:
     # the gold circle appears once, so naming it twice leaves one false positive
-    assert attribute_f1("a small red circle and a small red circle", [("small", "red", "circle")]) == pytest.approx(2 / 3)
+    assert attribute_f1(
+        "a small red circle and a small red circle", [("small", "red", "circle")]
+    ) == pytest.approx(2 / 3)
 
 
 def test_attribute_f1_rejects_empty_gold() -> None:
@@ -139,7 +148,9 @@ def test_attribute_f1_rejects_empty_gold() -> None:
 
 def test_mean_attribute_f1_averages() -> None:
     gold = [[("small", "red", "circle")], [("large", "blue", "square")]]
-    assert mean_attribute_f1(["a small red circle", "a small red circle"], gold) == pytest.approx(0.5)
+    assert mean_attribute_f1(["a small red circle", "a small red circle"], gold) == pytest.approx(
+        0.5
+    )
 
 
 def test_mean_attribute_f1_rejects_length_mismatch() -> None:

@@ -1,4 +1,4 @@
-"""Tests of the world CLIP: tokenizer, model construction, determinism, diagnostics and the cache."""
+"""Tests of the world CLIP: tokenizer, model, determinism, diagnostics and the cache."""
 
 from __future__ import annotations
 
@@ -108,9 +108,15 @@ def test_modality_offset_is_difference_of_normalised_means() -> None:
 
 def test_settings_hash_changes_with_settings() -> None:
     base = settings_hash(TINY_WORLD, TINY_CLIP)
-    assert base == settings_hash(TINY_WORLD, WorldClipConfig(epochs=1, batch_size=64, warmup_steps=1))
-    assert base != settings_hash(WorldConfig(num_train=128, num_val=32, num_test=32, seed=1), TINY_CLIP)
-    assert base != settings_hash(TINY_WORLD, WorldClipConfig(epochs=2, batch_size=64, warmup_steps=1))
+    assert base == settings_hash(
+        TINY_WORLD, WorldClipConfig(epochs=1, batch_size=64, warmup_steps=1)
+    )
+    assert base != settings_hash(
+        WorldConfig(num_train=128, num_val=32, num_test=32, seed=1), TINY_CLIP
+    )
+    assert base != settings_hash(
+        TINY_WORLD, WorldClipConfig(epochs=2, batch_size=64, warmup_steps=1)
+    )
 
 
 def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -118,7 +124,9 @@ def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert default_cache_dir() == tmp_path / "capdec-study" / "world-clip"
 
 
-def test_cached_clip_is_reused(tiny_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_clip_is_reused(
+    tiny_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = load_or_train_world_clip(tiny_world, TINY_CLIP, cache_dir=tmp_path)
     assert first.trained
     assert first.checkpoint == tmp_path / first.settings_hash / CHECKPOINT_FILE
