@@ -69,7 +69,8 @@ def run_demo(*, seed: int = 0, quick: bool = False, storage: str | Path = "capde
     if (data / "manifest.json").is_file():
         logger.info("reusing the prepared world in %s", data)
     else:
-        build_demo_dataset(data, seed=seed, quick=quick)
+        # one thread: on two busy cores two threads fought each other (14-24 min vs 2 min)
+        build_demo_dataset(data, seed=seed, quick=quick, num_threads=1)
     logger.info("world and CLIP ready after %.0f s", time.perf_counter() - started)
 
     settings = demo_settings(seed=seed, quick=quick, storage=storage, data=data, trials=trials)
