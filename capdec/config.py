@@ -67,7 +67,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """How the CLIP text embedding is perturbed during training."""
+    """Noise settings: the perturbation of the CLIP text embedding during training."""
 
     distribution: str = "gaussian"  # gaussian | uniform_ball | none
     epsilon: float = 0.1  # gaussian: standard deviation per dimension; ball: see ball_radius
@@ -176,13 +176,15 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer_dir: str = ""  # folder of a trained tiny-decoder tokenizer shared by a study's trials
+    val_references: str = ""  # reference cache (CaptionScorer.save) of the validation split
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Build a run configuration from a flat dictionary of field names.
 
-        Keys are the field names of NoiseConfig, ModelConfig and TrainConfig plus ``data`` and
-        ``tokenizer_dir``. No two concerns share a field name, so a flat dictionary is unambiguous.
+        Keys are the field names of NoiseConfig, ModelConfig and TrainConfig plus ``data``,
+        ``tokenizer_dir`` and ``val_references``. No two concerns share a field name, so a flat
+        dictionary is unambiguous.
 
         Raises:
             ValueError: on a missing ``data`` key, an unknown key, or a value out of range.
@@ -205,7 +207,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the flat dictionary that ``from_dict`` reads back."""
-        flat: dict[str, Any] = {"data": self.data, "tokenizer_dir": self.tokenizer_dir}
+        flat: dict[str, Any] = {
+            "data": self.data,
+            "tokenizer_dir": self.tokenizer_dir,
+            "val_references": self.val_references,
+        }
         for name in _PARTS:
             flat.update(dataclasses.asdict(getattr(self, name)))
         return flat
@@ -216,7 +222,7 @@ _PARTS: dict[str, type] = {"noise": NoiseConfig, "model": ModelConfig, "train": 
 
 def config_keys() -> list[str]:
     """Return every flat key that ``RunConfig.from_dict`` accepts."""
-    keys = ["data", "tokenizer_dir"]
+    keys = ["data", "tokenizer_dir", "val_references"]
     for part_cls in _PARTS.values():
         keys.extend(f.name for f in fields(part_cls))
     return keys

@@ -5,7 +5,7 @@ generators, best-so-far tracking) and exposes it as a state dictionary, so a cal
 Ray Tune trainable can checkpoint after every epoch and continue from any checkpoint with the same
 optimiser state and random streams.
 
-Each training sample is a CLIP text embedding that is perturbed as the ``NoiseConfig`` says
+Each training sample is a CLIP text embedding that is perturbed as the ``NoiseConfig`` specifies
 (normalisation, modality offset, noise), or, for a fraction ``image_ratio`` of the samples, a real
 CLIP image embedding of a paired training photo fed without noise. Validation decodes the image
 embeddings of the validation photos and scores them against all their reference captions.
@@ -221,7 +221,13 @@ class CapDecRun:
         self.val_rows = rows
         references = self.dataset.references("val")
         self.val_references = {int(r): references[int(r)] for r in rows}
-        self.scorer = scorer if scorer is not None else CaptionScorer(self.val_references)
+        if scorer is not None:
+            self.scorer = scorer
+        elif self.config.val_references:
+            # tokenised once for the whole study, because PTB tokenisation starts Java every time
+            self.scorer = CaptionScorer.from_file(self.config.val_references, self.val_references)
+        else:
+            self.scorer = CaptionScorer(self.val_references)
         self.val_attributes = None
         if "image_attributes" in self.dataset.manifest.get("source", {}):
             from capdec.demo_data import image_attributes

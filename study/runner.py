@@ -6,6 +6,7 @@ Study folder layout (``STORAGE/NAME``):
     mlflow.db       MLflow tracking store (sqlite), unless another tracking URI was given
     mlartifacts/    MLflow artifacts
     tokenizer/      the tiny decoder's tokenizer, trained once and shared by all trials
+    val_references.json  the validation references, PTB-tokenised once for all trials
     tune/           Ray Tune's experiment folder: trial results, checkpoints, searcher state
     study.log       the driver's log
 """
@@ -29,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from capdec import metric_names as names
 from capdec.config import RunConfig
-from capdec.metrics import JavaNotFoundError, check_java
+from capdec.metrics import CaptionScorer, JavaNotFoundError, check_java
 from capdec.model import build_tokenizer
 from capdec.prepared import load_prepared
 from search_spaces import SEARCH_PREFIX, get_space
@@ -42,12 +43,13 @@ logger = logging.getLogger(__name__)
 TUNE_FOLDER = "tune"
 STUDY_RECORD = "study.json"  # prepared data's content hash and CLIP identity at creation
 TOKENIZER_FOLDER = "tokenizer"
+VAL_REFERENCES_FILE = "val_references.json"
 METRIC = names.VAL_CIDER_BEST  # best CIDEr so far: an overfitting trial is judged by its best epoch
 MODE = "max"
 
 
 class StudyError(RuntimeError):
-    """A study cannot start or continue; the message says why and what to do."""
+    """A study cannot start or continue; the message names the cause and the remedy."""
 
 
 @dataclass
@@ -124,6 +126,17 @@ def _prepare_tokenizer(settings: StudySettings, study_dir: Path) -> str:
     return str(folder)
 
 
+def _prepare_val_references(settings: StudySettings, study_dir: Path) -> str:
+    """Tokenise the validation references once per study and save them for every trial.
+
+    Each trial would otherwise start Java to run the PTB tokenizer over the same captions.
+    """
+    references = load_prepared(settings.data).references("val")
+    path = CaptionScorer(references).save(study_dir / VAL_REFERENCES_FILE)
+    logger.info("tokenised the references of %d validation images into %s", len(references), path)
+    return str(path)
+
+
 def _trainable(settings: StudySettings):
     resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
     return tune.with_resources(train_capdec, resources)
@@ -163,7 +176,10 @@ def build_tuner(settings: StudySettings, study_dir: Path) -> tune.Tuner:
     )
     return tune.Tuner(
         _trainable(settings),
-        param_space=settings.trial_constants(tokenizer_dir=tokenizer_dir),
+        param_space=settings.trial_constants(
+            tokenizer_dir=tokenizer_dir,
+            val_references=_prepare_val_references(settings, study_dir),
+        ),
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,

@@ -20,12 +20,12 @@ from capdec.config import RunConfig, coerce_fields, config_keys
 SETTINGS_FILE = "settings.yaml"
 SCHEDULERS = ("asha", "fifo")
 # run-configuration keys that the study sets itself from top-level settings
-_STUDY_OWNED_RUN_KEYS = ("data", "decoder", "epochs", "seed", "tokenizer_dir")
+_STUDY_OWNED_RUN_KEYS = ("data", "decoder", "epochs", "seed", "tokenizer_dir", "val_references")
 
 
 @dataclass
 class StudySettings:
-    """Everything that defines a study; ``run`` holds fixed run-configuration values."""
+    """Everything that defines a study; ``run`` contains fixed run-configuration values."""
 
     name: str = ""  # study folder name under `storage`, and the MLflow experiment name
     data: str = ""  # prepared-dataset folder
@@ -122,7 +122,7 @@ class StudySettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def trial_constants(self, *, tokenizer_dir: str) -> dict[str, Any]:
+    def trial_constants(self, *, tokenizer_dir: str, val_references: str = "") -> dict[str, Any]:
         """Return the run-configuration values shared by every trial of the study."""
         constants = {
             "data": str(Path(self.data).resolve()),
@@ -130,6 +130,7 @@ class StudySettings:
             "epochs": self.epochs,
             "seed": self.seed,
             "tokenizer_dir": tokenizer_dir,
+            "val_references": val_references,
         }
         constants.setdefault("num_threads", max(int(self.cpus_per_trial), 1))
         constants.update(self.run)

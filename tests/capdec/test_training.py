@@ -147,6 +147,30 @@ def test_validation_subset_is_fixed(toy_dataset: Path) -> None:
     assert first.val_rows.tolist() == second.val_rows.tolist()
 
 
+def test_study_reference_cache_gives_same_scores(toy_dataset: Path, tmp_path: Path) -> None:
+    # a study tokenises the whole split once, and a trial scoring a subset reads from that file
+    from capdec.metrics import CaptionScorer
+    from capdec.prepared import load_prepared
+
+    cache = CaptionScorer(load_prepared(toy_dataset).references("val")).save(tmp_path / "val.json")
+    own = CapDecRun(_config(toy_dataset, val_max_images=5))
+    cached = CapDecRun(_config(toy_dataset, val_max_images=5, val_references=str(cache)))
+    assert cached.scorer.tokenized_references == own.scorer.tokenized_references
+    predictions = {int(r): "a small red square" for r in own.val_rows}
+    assert cached.scorer.score(predictions) == own.scorer.score(predictions)
+
+
+def test_reference_cache_of_other_data_is_rejected(toy_dataset: Path, tmp_path: Path) -> None:
+    from capdec.metrics import CaptionScorer
+    from capdec.prepared import load_prepared
+
+    references = load_prepared(toy_dataset).references("val")
+    other = {key: [f"{texts[0]} and more"] for key, texts in references.items()}
+    cache = CaptionScorer(other).save(tmp_path / "val.json")
+    with pytest.raises(ValueError, match="contains other reference captions"):
+        CapDecRun(_config(toy_dataset, val_references=str(cache)))
+
+
 def test_long_captions_truncated_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from capdec.prepared import CaptionRecord, ImageRecord, write_prepared
 

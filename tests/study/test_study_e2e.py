@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def test_epsilon_study_end_to_end(finished_study) -> None:
     assert "search/noise_variance" in format_report(trials)
     assert all(list(t.folder.glob("checkpoint_*/best_model.pt")) for t in trials)
     assert load_study_settings(study_dir).trials == 3
+    # validation references were tokenised once for the study and every trial was pointed at them
+    assert (study_dir / "val_references.json").is_file()
+    for trial in trials:
+        config = json.loads((trial.folder / "params.json").read_text())
+        assert config["val_references"] == str(study_dir / "val_references.json")
 
 
 def test_existing_study_folder_is_rejected(tmp_path: Path, toy_dataset: Path) -> None:
