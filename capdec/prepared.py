@@ -171,6 +171,10 @@ def write_prepared(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # mkdtemp makes a private (0700) folder; the dataset should get the usual permissions
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         with open(staging / "captions.jsonl", "w", encoding="utf-8") as handle:
             for caption in captions:
