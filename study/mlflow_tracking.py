@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -92,7 +91,7 @@ class MlflowTrialCallback(tune.Callback):
         self._logged_epochs: dict[str, set[int]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # the client holds a database connection; it is rebuilt after unpickling
+        # the client keeps a database connection open, so it is rebuilt after unpickling
         state = self.__dict__.copy()
         state.update(_client=None, _experiment_id=None, _run_ids={}, _logged_epochs={})
         return state
@@ -213,8 +212,3 @@ def _trial_error_message(trial: Any) -> str:
         return "unknown error (no error file)"
     lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error (empty error file)"
-
-
-def open_tracking(tracking_uri: str) -> None:
-    """Point the ``mlflow`` module at a tracking URI (for reading runs in analysis code)."""
-    mlflow.set_tracking_uri(tracking_uri)

@@ -54,7 +54,12 @@ def write_toy_dataset(folder: Path, *, dim: int = 32, seed: int = 0) -> Path:
     centres = {pair: rng.normal(size=dim) for pair in pairs}
     captions, images, text_embeddings, image_embeddings = [], [], [], []
     for row, (colour, shape) in enumerate(pairs * 4):
-        split = "train" if row < 24 else "val" if row < 36 else "test"
+        if row < 24:
+            split = "train"
+        elif row < 36:
+            split = "val"
+        else:
+            split = "test"
         images.append(ImageRecord(image_id=str(row), file="", split=split))
         image_embeddings.append(centres[colour, shape] + 1.0 + rng.normal(size=dim) * 0.3)
         for text in (f"a {colour} {shape}", f"the {shape} is {colour}", f"one {colour} {shape} here"):
