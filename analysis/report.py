@@ -55,16 +55,32 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _searched_keys(configs: list[dict[str, Any]]) -> set[str]:
-    """Return the config keys whose values differ between trials (all keys for one trial)."""
+def _searched_keys(configs: list[dict[str, Any]], study_dir: Path) -> set[str]:
+    """Return the config keys whose values differ between trials.
+
+    A single trial has nothing to compare with, so its keys less the study's constants (read
+    from settings.yaml, when there is one) count as searched.
+    """
     keys: set[str] = set().union(*configs) if configs else set()
     if len(configs) < 2:
-        return keys
+        return keys - _constant_keys(study_dir)
     return {
         key
         for key in keys
         if len({json.dumps(config.get(key), sort_keys=True) for config in configs}) > 1
     }
+
+
+def _constant_keys(study_dir: Path) -> set[str]:
+    """Return the run keys a study fixes for every trial; empty when settings.yaml is unreadable."""
+    from study.settings import load_study_settings
+
+    try:
+        settings = load_study_settings(study_dir)
+    except (OSError, ValueError) as error:
+        logger.debug("cannot read the settings of %s (%s); listing every key", study_dir, error)
+        return set()
+    return set(settings.trial_constants(tokenizer_dir=""))
 
 
 def load_trials(study_dir: str | Path) -> list[TrialSummary]:
@@ -79,7 +95,7 @@ def load_trials(study_dir: str | Path) -> list[TrialSummary]:
             f"{study_dir} has no trial results (no tune/ folder); is it a study folder?"
         )
     configs = [_flatten(json.loads(p.read_text())) for p in sorted(tune_dir.glob("*/params.json"))]
-    searched = _searched_keys(configs)
+    searched = _searched_keys(configs, Path(study_dir))
 
     trials = []
     for params_path in sorted(tune_dir.glob("*/params.json")):
