@@ -292,10 +292,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from study.demo import run_demo
+    from study.demo import describe_world_clip, run_demo
+    from study.settings import load_study_settings
 
     outcome = run_demo(seed=args.seed, quick=args.quick, storage=args.storage, trials=args.trials)
     _print_report(outcome.study_dir)
+    print(describe_world_clip(load_study_settings(outcome.study_dir).data))
     from study.runner import print_outcome
 
     print_outcome(outcome)

@@ -10,11 +10,29 @@ from mlflow.tracking import MlflowClient
 from analysis.report import load_trials
 from study.mlflow_tracking import default_tracking_uri
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def test_full_demo_searches_with_asha(tmp_path: Path) -> None:
+    from study.demo import demo_settings
+
+    settings = demo_settings(seed=3, quick=False, storage=tmp_path, data=tmp_path / "world",
+                             trials=None)
+    assert settings.scheduler == "asha"
+    assert settings.space == "epsilon_linear"
+    assert settings.seed == 3
+    assert settings.trials == 8
+    assert settings.epochs == 2
+    # no noise and a noise variance of 0.25 are always trials, so the inverted U can be read off
+    epsilons = [point["epsilon"] for point in settings.start_points]
+    assert 0.0 in epsilons
+    assert max(epsilons) ** 2 >= 0.25
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_quick_demo_completes(tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch) -> None:
-    from study.demo import run_demo
+    from study.demo import describe_world_clip, run_demo
+    from study.settings import load_study_settings
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     outcome = run_demo(seed=0, quick=True, storage=tmp_path / "demo", trials=4)
@@ -35,3 +53,7 @@ def test_quick_demo_completes(tmp_path: Path, local_ray, monkeypatch: pytest.Mon
     assert all(trial.epochs >= 1 for trial in trials)
     # the world's CLIP was cached for the next demo
     assert list((tmp_path / "cache" / "capdec-study").rglob("*"))
+    # and its retrieval and modality gap are shown with the report
+    summary = describe_world_clip(load_study_settings(outcome.study_dir).data)
+    assert "image-to-text top-1" in summary
+    assert "modality gap" in summary
