@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display is needed or assumed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.report import TrialSummary  # noqa: E402
 from capdec import metric_names as names  # noqa: E402
@@ -32,6 +33,7 @@ def plot_cider_curves(trials: list[TrialSummary], path: str | Path) -> Path:
             label += f" (eps {trial.params['epsilon']:.3g})"
         curves.plot(epochs, ciders, marker="o", label=label)
     curves.set(xlabel="epoch", ylabel="validation CIDEr", title="Validation CIDEr per epoch")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(trials) <= 12:
         curves.legend(fontsize=7)
 
