@@ -18,6 +18,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,8 +295,23 @@ def create_study(settings: StudySettings) -> Path:
     return study_dir
 
 
-def _outcome(results: tune.ResultGrid, study_dir: Path, requested: int) -> StudyOutcome:
-    finished = min(results.num_terminated + results.num_errors, requested)
+def _outcome(
+    results: Iterable[tune.Result], study_dir: Path, requested: int, max_epochs: int
+) -> StudyOutcome:
+    """Count the trials that ended and decide whether the study was interrupted.
+
+    A trial ended when it failed, reported all ``max_epochs`` epochs, or was stopped early by the
+    scheduler (its last result is marked ``done``). After Ctrl-C, Tune lists the trials it was
+    running as terminated too, so Tune's status alone would count them as finished.
+    """
+    finished = sum(
+        1
+        for result in results
+        if result.error is not None
+        or result.metrics.get("done") is True
+        or result.metrics.get("training_iteration", 0) >= max_epochs
+    )
+    finished = min(finished, requested)
     return StudyOutcome(study_dir, finished, requested, interrupted=finished < requested)
 
 
@@ -308,7 +324,7 @@ def run_study(settings: StudySettings) -> StudyOutcome:
     connect_ray(settings)
     tuner = build_tuner(settings, study_dir)
     results = tuner.fit()
-    return _outcome(results, study_dir, settings.trials)
+    return _outcome(results, study_dir, settings.trials, settings.epochs)
 
 
 def resume_study(study_dir: str | Path) -> StudyOutcome:
@@ -329,7 +345,9 @@ def resume_study(study_dir: str | Path) -> StudyOutcome:
     if not tune.Tuner.can_restore(str(tune_dir)):
         # stopped before Tune saved any state: no trial ran, so start the study in its folder
         logger.info("%s has no Tune state yet; starting the study from its saved settings", study_dir)
-        return _outcome(build_tuner(settings, study_dir).fit(), study_dir, settings.trials)
+        return _outcome(
+            build_tuner(settings, study_dir).fit(), study_dir, settings.trials, settings.epochs
+        )
     # restart_errored=True would give errored trials new ids that OptunaSearch cannot find,
     # so errored trials are resumed (same id, from their checkpoint) instead
     tuner = tune.Tuner.restore(
@@ -340,7 +358,7 @@ def resume_study(study_dir: str | Path) -> StudyOutcome:
         restart_errored=False,
     )
     results = tuner.fit()
-    return _outcome(results, study_dir, settings.trials)
+    return _outcome(results, study_dir, settings.trials, settings.epochs)
 
 
 def _check_same_data(settings: StudySettings, study_dir: Path) -> None:

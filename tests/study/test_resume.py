@@ -60,6 +60,13 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
+def _start_study(tmp_path: Path, data: Path, name: str) -> tuple[Path, Path, subprocess.Popen]:
+    """Start `capdec-study run` on a toy study; return its folder, its log and the driver."""
+    settings = _write_settings(tmp_path, data, name)
+    log = tmp_path / f"{name}.log"
+    return tmp_path / name, log, _start(["run", str(settings)], log)
+
+
 def _kill_tree(processes: list[psutil.Process]) -> None:
     for process in processes:
         try:
@@ -118,11 +125,7 @@ def _assert_complete(study_dir: Path, name: str) -> None:
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_interrupted_study_resumes(tmp_path: Path, toy_dataset: Path, stop_signal: int) -> None:
     name = f"resume-{stop_signal.name.lower()}"
-    settings = _write_settings(tmp_path, toy_dataset, name)
-    study_dir = tmp_path / name
-    log = tmp_path / f"{name}.log"
-
-    driver = _start(["run", str(settings)], log)
+    study_dir, log, driver = _start_study(tmp_path, toy_dataset, name)
     try:
         # interrupt at a random point after the first epoch of some trial was reported
         _wait_for_results(study_dir, 1, timeout=STUDY_TIMEOUT_S)
@@ -146,13 +149,35 @@ def test_interrupted_study_resumes(tmp_path: Path, toy_dataset: Path, stop_signa
     _assert_complete(study_dir, name)
 
 
+def test_ctrl_c_during_last_trial_resumes(tmp_path: Path, toy_dataset: Path) -> None:
+    # every trial exists once the last one has started, so only the running one is unfinished
+    name = "resume-late"
+    study_dir, log, driver = _start_study(tmp_path, toy_dataset, name)
+    try:
+        deadline = time.monotonic() + STUDY_TIMEOUT_S
+        while len(list(study_dir.glob("tune/trial_*/result.json"))) < TRIALS:
+            assert time.monotonic() < deadline, "the last trial never started"
+            time.sleep(0.2)
+        started = _descendants(driver)
+        driver.send_signal(signal.SIGINT)
+        exit_code = driver.wait(timeout=120)
+    finally:
+        _kill_tree([*_descendants(driver), *locals().get("started", [])])
+
+    output = log.read_text(errors="replace")
+    assert exit_code == 130, output[-3000:]
+    assert f"capdec-study resume {study_dir}" in output
+    assert f"of {TRIALS} trials finished" in output
+
+    resume_code = _run_to_end(["resume", str(study_dir)], log)
+    output = log.read_text(errors="replace")
+    assert resume_code == 0, output[-3000:]
+    _assert_complete(study_dir, name)
+
+
 def test_killed_worker_resumes_from_checkpoint(tmp_path: Path, toy_dataset: Path) -> None:
     name = "worker-kill"
-    settings = _write_settings(tmp_path, toy_dataset, name)
-    study_dir = tmp_path / name
-    log = tmp_path / f"{name}.log"
-
-    driver = _start(["run", str(settings)], log)
+    study_dir, log, driver = _start_study(tmp_path, toy_dataset, name)
     try:
         _wait_for_results(study_dir, 1, timeout=STUDY_TIMEOUT_S)
         workers = [
