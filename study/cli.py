@@ -137,6 +137,22 @@ def _add_study_dir_command(subparsers, name: str, help_text: str) -> argparse.Ar
     return parser
 
 
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """Return an argparse type that reads an integer in [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}; got {value}")
+        return value
+
+    return parse
+
+
 def _add_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -146,13 +162,13 @@ def _add_demo(subparsers) -> None:
         "cached), then run an epsilon study with Optuna, ASHA and MLflow and print its report. "
         "Needs no network and no pretrained weights.",
     )
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
                         help="seed of the world, the CLIP and the study (default: 0)")
     parser.add_argument("--quick", action="store_true",
                         help="a smaller world and study, sized for tests (a few minutes)")
     parser.add_argument("--storage", type=Path, default=Path("capdec-demo"),
                         help="folder for the prepared data and the study (default: ./capdec-demo)")
-    parser.add_argument("--trials", type=int, default=None,
+    parser.add_argument("--trials", type=_int_at_least(1), default=None,
                         help="number of trials (default: 8, or 4 with --quick)")
 
 
@@ -188,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1",
                     help="interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 "
                     "exposes the runs to the network)")
-    ui.add_argument("--port", type=int, default=5000, help="TCP port (default: 5000)")
+    ui.add_argument("--port", type=_int_at_least(1, 65535), default=5000,
+                    help="TCP port (default: 5000)")
     _add_demo(subparsers)
     return parser
 
@@ -379,10 +396,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, StudyError) as error:
+    except (ValueError, OSError, StudyError) as error:
+        # OSError covers files and folders that are missing, exist already or cannot be written
         logger.debug("command failed", exc_info=True)
         print(f"capdec-study {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside a study (for instance while the demo builds its world); a study
+        # catches its own Ctrl-C and prints how to resume it
+        print(f"capdec-study {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

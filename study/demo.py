@@ -7,11 +7,13 @@ user's cache folder), so a second demo with the same seed only runs the study.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from study.runner import StudyOutcome, run_study
+from capdec.world_clip import default_cache_dir
+from study.runner import StudyError, StudyOutcome, run_study
 from study.settings import StudySettings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ DEMO_START_POINTS = [{"epsilon": 0.0}, {"epsilon": 0.1}, {"epsilon": 0.5}]
 def demo_settings(*, seed: int, quick: bool, storage: Path, data: Path, trials: int | None):
     """Return the study settings the demo runs on its prepared world."""
     name = f"demo-seed{seed}{'-quick' if quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if trials is None:
+        trials = 4 if quick else 8
     run = dict(DEMO_RUN)
     # Half of the 50,000 training captions halves the study's time. With all of them, every
     # trial's validation CIDEr peaked in epoch 1 already.
@@ -49,7 +53,7 @@ def demo_settings(*, seed: int, quick: bool, storage: Path, data: Path, trials: 
         name=name,
         data=str(data),
         space="epsilon_linear",
-        trials=trials or (4 if quick else 8),
+        trials=trials,
         epochs=1 if quick else 2,
         decoder="tiny",
         storage=str(storage),
@@ -86,17 +90,38 @@ def run_demo(*, seed: int = 0, quick: bool = False, storage: str | Path = "capde
     """Build (or reuse) the world and its CLIP, then run the demo's epsilon study."""
     from capdec.demo_data import build_demo_dataset
 
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0; got {seed}")
     storage = Path(storage)
     data = storage / f"world-seed{seed}{'-quick' if quick else ''}"
+    # settings first: they check every value before minutes go into the world and the CLIP
+    settings = demo_settings(seed=seed, quick=quick, storage=storage, data=data, trials=trials)
+    _check_writable(storage, "the --storage folder", "pass --storage DIR with a folder you can write")
     started = time.perf_counter()
     if (data / "manifest.json").is_file():
         logger.info("reusing the prepared world in %s", data)
     else:
+        _check_writable(default_cache_dir(), "the world-CLIP cache folder",
+                        "set XDG_CACHE_HOME to a folder you can write")
         # one thread: on two busy cores two threads fought each other (14-24 min vs 2 min)
         build_demo_dataset(data, seed=seed, quick=quick, num_threads=1)
     logger.info("world and CLIP ready after %.0f s", time.perf_counter() - started)
 
-    settings = demo_settings(seed=seed, quick=quick, storage=storage, data=data, trials=trials)
     outcome = run_study(settings)
-    logger.info("demo finished after %.0f s in total", time.perf_counter() - started)
+    state = "stopped" if outcome.interrupted else "finished"
+    logger.info("demo %s after %.0f s in total", state, time.perf_counter() - started)
     return outcome
+
+
+def _check_writable(folder: Path, label: str, fix: str) -> None:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises:
+        StudyError: when the folder cannot be created or written.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StudyError(f"cannot create {label} {folder}: {error.strerror or error}; {fix}") from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StudyError(f"cannot write in {label} {folder}; {fix}")

@@ -94,3 +94,51 @@ def test_fixed_value_searched_by_space_is_rejected(tmp_path: Path, toy_dataset: 
     settings = _settings(tmp_path, toy_dataset, space="epsilon", run={**TOY_RUN, "epsilon": 0.2})
     with pytest.raises(StudyError, match="run setting\\(s\\) epsilon are also set by search space 'epsilon'"):
         check_space(settings)
+
+
+def test_demo_storage_file_rejected_before_building(tmp_path: Path) -> None:
+    from study.demo import run_demo
+
+    storage = tmp_path / "a-file"
+    storage.write_text("not a folder")
+    with pytest.raises(StudyError, match="cannot create the --storage folder .*; pass --storage DIR"):
+        run_demo(quick=True, storage=storage)
+
+
+def test_demo_unwritable_cache_rejected_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from study.demo import run_demo
+
+    # a file where the cache folder should be: no folder can be made below it, even by root
+    cache = tmp_path / "cache-file"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    with pytest.raises(StudyError, match="world-CLIP cache folder .*; set XDG_CACHE_HOME"):
+        run_demo(quick=True, storage=tmp_path / "demo")
+    # the world was not built
+    assert not list((tmp_path / "demo").glob("world-*"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["demo", "--trials", "0"], "argument --trials: must be >= 1; got 0"),
+        (["demo", "--seed", "-1"], "argument --seed: must be >= 0; got -1"),
+        (["ui", "study", "--port", "99999"], "argument --port: must be in 1..65535; got 99999"),
+    ],
+)
+def test_cli_rejects_out_of_range_flags(args, message, capsys: pytest.CaptureFixture) -> None:
+    from study.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_trials_zero_is_invalid_not_default(tmp_path: Path) -> None:
+    from study.demo import demo_settings
+
+    with pytest.raises(ValueError, match="trials"):
+        demo_settings(seed=0, quick=True, storage=tmp_path, data=tmp_path / "w", trials=0)
