@@ -20,8 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,11 +170,9 @@ def write_prepared(
             f"{out} exists and is not a prepared dataset; choose another --out folder"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    # mkdtemp makes a private (0700) folder; the dataset should get the usual permissions
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    # mkdir rather than mkdtemp, because mkdtemp makes the folder private (0700) whatever the umask
+    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         with open(staging / "captions.jsonl", "w", encoding="utf-8") as handle:
             for caption in captions:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,16 @@ def test_prepare_coco_mini_full_corpus(coco_mini: Path, tmp_path: Path) -> None:
 
     assert data.manifest["counts"]["corpus_captions"] == 24209
     assert data.text_embeddings.shape == (1285 + 24209, 64)
+
+
+def test_prepared_folder_follows_umask(tmp_path: Path) -> None:
+    from tests.conftest import write_toy_dataset
+
+    previous = os.umask(0o022)
+    try:
+        folder = write_toy_dataset(tmp_path / "toy")
+    finally:
+        os.umask(previous)
+    # a private (0700) folder would be unreadable to other users of a shared cluster folder
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert not list(tmp_path.glob(".toy.*"))
