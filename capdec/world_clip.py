@@ -240,16 +240,22 @@ def train_world_clip(world: World, config: WorldClipConfig) -> tuple[open_clip.C
     return model, epoch_losses
 
 
+def _encode_in_batches(encode, items, batch_size: int, desc: str) -> np.ndarray:
+    """Apply ``encode`` to consecutive batches of ``items`` and stack the float32 results."""
+    chunks = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
+        chunks.append(encode(items[start : start + batch_size]))
+    return torch.cat(chunks).numpy().astype(np.float32)
+
+
 @torch.no_grad()
 def encode_images(model: open_clip.CLIP, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Encode (N, 32, 32, 3) uint8 images as unnormalised (N, embed_dim) float32 features."""
     model.eval()
-    chunks = []
-    for start in tqdm(
-        range(0, len(images), batch_size), desc="encode images", unit="batch", leave=False
-    ):
-        chunks.append(model.encode_image(images_to_tensor(images[start : start + batch_size])))
-    return torch.cat(chunks).numpy().astype(np.float32)
+    return _encode_in_batches(
+        lambda batch: model.encode_image(images_to_tensor(batch)), images, batch_size,
+        "encode images",
+    )
 
 
 @torch.no_grad()
@@ -258,12 +264,9 @@ def encode_texts(
 ) -> np.ndarray:
     """Encode captions as unnormalised (len(texts), embed_dim) float32 features."""
     model.eval()
-    chunks = []
-    for start in tqdm(
-        range(0, len(texts), batch_size), desc="encode captions", unit="batch", leave=False
-    ):
-        chunks.append(model.encode_text(tokenizer(texts[start : start + batch_size])))
-    return torch.cat(chunks).numpy().astype(np.float32)
+    return _encode_in_batches(
+        lambda batch: model.encode_text(tokenizer(batch)), texts, batch_size, "encode captions"
+    )
 
 
 def _normalize(features: np.ndarray) -> np.ndarray:
