@@ -6,7 +6,7 @@ For each seed this runs the full demo (world, tiny CLIP, epsilon study) and read
   (the best trial at least 10% above it), and
 - every trial with noise variance >= 0.25 (std >= 0.5) must score at least 10% below the best,
 
-the inverted U of CIDEr against noise that the CapDec paper (Nukrai et al., 2022) reports for
+the inverted U of CIDEr against noise that the CapDec paper (arXiv 2211.00575) reports for
 COCO. It writes a JSON record and prints a Markdown table for benchmarks/RESULTS.md.
 
 The demo stops weak trials after epoch 1 (ASHA), so a stopped trial's best CIDEr had one epoch

@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capdec-study {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Ctrl-C outside a study (for instance while the demo builds its world); a study
-        # catches its own Ctrl-C and prints how to resume it
+        # Ctrl-C outside a study, for instance while the demo builds its world. A study catches
+        # its own Ctrl-C and prints how to resume it.
         print(f"capdec-study {args.command}: interrupted", file=sys.stderr)
         return 130
 
