@@ -97,6 +97,15 @@ def _run_to_end(args: list[str], log: Path) -> int:
         _kill_tree([process, *_descendants(process)])
 
 
+def _command_line(process: psutil.Process) -> str:
+    """Return a process's command line, or "" when it has exited or become a zombie."""
+    try:
+        return " ".join(process.cmdline() or [])
+    except psutil.Error:
+        # Ray's short-lived helper processes can exit between listing and reading
+        return ""
+
+
 def _descendants(process: subprocess.Popen) -> list[psutil.Process]:
     try:
         return psutil.Process(process.pid).children(recursive=True)
@@ -181,9 +190,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path: Path, toy_dataset: Path
     study_dir, log, driver = _start_study(tmp_path, toy_dataset, name)
     try:
         _wait_for_results(study_dir, 1, timeout=STUDY_TIMEOUT_S)
-        workers = [
-            p for p in _descendants(driver) if "ImplicitFunc" in " ".join(p.cmdline() or [])
-        ]
+        workers = [p for p in _descendants(driver) if "ImplicitFunc" in _command_line(p)]
         assert workers, "no trial worker process found"
         workers[0].kill()
         exit_code = driver.wait(timeout=STUDY_TIMEOUT_S)
